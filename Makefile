@@ -1,0 +1,52 @@
+# Two entry points, both idempotent, both creating .venv when it is missing:
+#   make lab   - set up and open the course in JupyterLab
+#   make test  - set up and run every test: lint, unit tests, and every notebook under nbval
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.minigpt-installed
+PYTEST_ARGS ?=
+
+# Quiet a harmless debugger warning that Python 3.11 kernels print on stderr.
+export PYDEVD_DISABLE_FILE_VALIDATION := 1
+
+.PHONY: setup lab test lint format unit notebooks execute bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	@touch $(STAMP)
+
+lab: setup
+	$(BIN)/jupyter lab --ServerApp.root_dir="$(CURDIR)" --LabApp.default_url=/lab/tree/notebooks $(LAB_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+unit: setup
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+notebooks: setup
+	$(BIN)/python -m pytest notebooks exercises solutions $(PYTEST_ARGS)
+
+# Re-execute notebooks top to bottom in a fresh kernel and store their outputs:
+#   make execute NB="notebooks/00_what_is_a_language_model.ipynb"
+execute: setup
+	$(BIN)/python tools/execute_notebooks.py $(NB)
+
+bench: setup
+	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

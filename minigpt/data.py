@@ -1,0 +1,273 @@
+"""Datasets the course uses, found offline first and downloaded safely otherwise.
+
+Every dataset is known by a short name (``minigpt.data.DATASETS``) with the public
+URL it comes from and the SHA-256 of the file we expect. ``path(name)`` returns a
+local file, looking in this order:
+
+1. ``$MINIGPT_DATA_DIR/<relpath>`` when the environment variable is set (tests and
+   CI point it at a read-only copy of every file);
+2. the cache directory (``$MINIGPT_CACHE_DIR``, else ``~/.cache/minigpt``);
+3. a download into the cache: streamed to a temporary file with a progress bar,
+   checked against the SHA-256, then renamed into place. A failed, interrupted or
+   corrupt download never leaves a file behind under the final name.
+
+Offline with no copy, you get one error that names the file and where to put it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "DATASETS",
+    "Dataset",
+    "DataError",
+    "cache_dir",
+    "path",
+    "load_text",
+    "sha256_file",
+]
+
+
+class DataError(RuntimeError):
+    """A dataset could not be found, downloaded or verified."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One file the course needs.
+
+    Attributes:
+        name: the short name used in code (``"tinyshakespeare"``).
+        relpath: where the file lives inside a data directory (``"gpt2/vocab.bpe"``).
+        url: the public URL to download from.
+        sha256: hex SHA-256 of the file (of the unpacked member for zip sources).
+        member: for zip sources, the path of the file inside the archive.
+        description: one line for humans.
+    """
+
+    name: str
+    relpath: str
+    url: str
+    sha256: str
+    member: str | None = None
+    description: str = ""
+
+
+_GPT2 = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main"
+_RASBT = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07"
+
+DATASETS: dict[str, Dataset] = {
+    d.name: d
+    for d in [
+        Dataset(
+            "tinyshakespeare",
+            "tinyshakespeare.txt",
+            "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+            "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+            description="Tiny Shakespeare, 1,115,394 characters of plays",
+        ),
+        Dataset(
+            "gpt2-encoder",
+            "gpt2/encoder.json",
+            f"{_GPT2}/encoder.json",
+            "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+            description="GPT-2's vocabulary: 50,257 token strings and their ids",
+        ),
+        Dataset(
+            "gpt2-vocab",
+            "gpt2/vocab.bpe",
+            f"{_GPT2}/vocab.bpe",
+            "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+            description="GPT-2's 50,000 BPE merges, in priority order",
+        ),
+        Dataset(
+            "sms-spam",
+            "SMSSpamCollection",
+            "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
+            "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d",
+            member="SMSSpamCollection",
+            description="UCI SMS Spam Collection: 5,574 lines 'label<TAB>text'",
+        ),
+        Dataset(
+            "sst2-train",
+            "sst2/train.tsv",
+            "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip",
+            "82c18cac2c19d7d59301f6c468c7a84a2b7ab0aa9b7de7a974ceb9d5d64c61db",
+            member="SST-2/train.tsv",
+            description="SST-2 (GLUE) training sentences, 'sentence<TAB>label'",
+        ),
+        Dataset(
+            "sst2-dev",
+            "sst2/dev.tsv",
+            "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip",
+            "f7271f7a919ea884ca8563e13ed03028aa44296d1f738c003af3142b9a2188f8",
+            member="SST-2/dev.tsv",
+            description="SST-2 (GLUE) dev sentences, 'sentence<TAB>label'",
+        ),
+        Dataset(
+            "instruction-data",
+            "instruction-data.json",
+            f"{_RASBT}/01_main-chapter-code/instruction-data.json",
+            "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944",
+            description="1,100 {instruction, input, output} examples",
+        ),
+        Dataset(
+            "preference-data",
+            "instruction-data-with-preference.json",
+            f"{_RASBT}/04_preference-tuning-with-dpo/instruction-data-with-preference.json",
+            "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e",
+            description="the instruction data with 'chosen' and 'rejected' responses",
+        ),
+    ]
+}
+
+
+def cache_dir() -> Path:
+    """The directory downloads go to: ``$MINIGPT_CACHE_DIR`` or ``~/.cache/minigpt``."""
+    env = os.environ.get("MINIGPT_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "minigpt"
+
+
+def sha256_file(file: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _lookup(name: str) -> Dataset:
+    if name not in DATASETS:
+        known = ", ".join(sorted(DATASETS))
+        raise KeyError(f"unknown dataset {name!r}; known datasets: {known}")
+    return DATASETS[name]
+
+
+def path(name: str, *, download: bool = True, progress: bool = True) -> Path:
+    """Return the local path of dataset ``name``, downloading it once if needed.
+
+    Args:
+        name: a key of ``DATASETS``, e.g. ``"tinyshakespeare"``.
+        download: when False, never touch the network (raise instead).
+        progress: show a tqdm progress bar while downloading.
+
+    Raises:
+        KeyError: ``name`` is not a known dataset.
+        DataError: the file is not available offline and could not be downloaded,
+            or the download did not match its SHA-256.
+    """
+    ds = _lookup(name)
+    data_dir = os.environ.get("MINIGPT_DATA_DIR")
+    if data_dir:
+        candidate = Path(data_dir).expanduser() / ds.relpath
+        if candidate.is_file():
+            return candidate
+    cached = cache_dir() / ds.relpath
+    if cached.is_file():
+        return cached
+    if not download:
+        raise DataError(_missing_message(ds, cached, data_dir, reason="downloads are disabled"))
+    try:
+        _download(ds, cached, progress=progress)
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        raise DataError(_missing_message(ds, cached, data_dir, reason=str(e))) from e
+    return cached
+
+
+def load_text(name: str, *, encoding: str = "utf-8") -> str:
+    """Read dataset ``name`` as text (see ``path`` for where it comes from)."""
+    return path(name).read_text(encoding=encoding)
+
+
+def _missing_message(ds: Dataset, cached: Path, data_dir: str | None, reason: str) -> str:
+    where = [f"  {cached}"]
+    if data_dir:
+        where.insert(0, f"  {Path(data_dir).expanduser() / ds.relpath}  (MINIGPT_DATA_DIR)")
+    else:
+        where.append(f"  or set MINIGPT_DATA_DIR to a folder that holds {ds.relpath}")
+    source = ds.url + (f" (the file {ds.member} inside the zip)" if ds.member else "")
+    return (
+        f"dataset {ds.name!r} ({ds.relpath}) is not available offline and could not be "
+        f"downloaded: {reason}\nDownload it from {source}\nand put it at:\n" + "\n".join(where)
+    )
+
+
+def _download(ds: Dataset, dest: Path, *, progress: bool) -> None:
+    """Download ``ds`` to ``dest`` atomically, verifying its SHA-256."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # Temporary files live next to the destination so the final rename is atomic.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            _fetch(ds.url, out, desc=ds.name, progress=progress)
+        if ds.member is not None:
+            tmp = _extract_member(tmp, ds.member, dest.parent)
+        got = sha256_file(tmp)
+        if got != ds.sha256:
+            raise DataError(
+                f"checksum mismatch for {ds.name!r} downloaded from {ds.url}: expected "
+                f"sha256 {ds.sha256}, got {got}. The file was discarded; try again, or "
+                f"put a good copy at {dest}"
+            )
+        os.replace(tmp, dest)
+    finally:
+        for leftover in {Path(tmp_name), tmp}:
+            leftover.unlink(missing_ok=True)
+
+
+def _fetch(url: str, out, *, desc: str, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    req = urllib.request.Request(url, headers={"User-Agent": "minigpt"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        total = resp.headers.get("Content-Length")
+        expected = int(total) if total else None
+        with tqdm(
+            total=expected, unit="B", unit_scale=True, desc=desc, disable=not progress
+        ) as bar:
+            received = 0
+            while chunk := resp.read(1 << 16):
+                out.write(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+    if expected is not None and received != expected:
+        raise DataError(
+            f"download of {url} was interrupted: got {received} of {expected} bytes"
+        )
+
+
+def _extract_member(archive: Path, member: str, where: Path) -> Path:
+    """Copy ``member`` out of the zip ``archive`` into a new temp file; drop the zip."""
+    fd, out_name = tempfile.mkstemp(prefix=".unzip.", suffix=".part", dir=where)
+    try:
+        with zipfile.ZipFile(archive) as zf, os.fdopen(fd, "wb") as out:
+            try:
+                src = zf.open(member)
+            except KeyError as e:
+                raise DataError(f"{member!r} is not inside the archive {archive.name}") from e
+            with src:
+                shutil.copyfileobj(src, out)
+    except zipfile.BadZipFile as e:
+        Path(out_name).unlink(missing_ok=True)
+        raise DataError(f"the download is not a valid zip archive ({e}); it was discarded") from e
+    except DataError:
+        Path(out_name).unlink(missing_ok=True)
+        raise
+    finally:
+        archive.unlink(missing_ok=True)
+    return Path(out_name)
