@@ -28,11 +28,11 @@ from pathlib import Path
 
 __all__ = [
     "DATASETS",
-    "Dataset",
     "DataError",
+    "Dataset",
     "cache_dir",
-    "path",
     "load_text",
+    "path",
     "sha256_file",
 ]
 
@@ -246,9 +246,7 @@ def _fetch(url: str, out, *, desc: str, progress: bool) -> None:
                 received += len(chunk)
                 bar.update(len(chunk))
     if expected is not None and received != expected:
-        raise DataError(
-            f"download of {url} was interrupted: got {received} of {expected} bytes"
-        )
+        raise DataError(f"download of {url} was interrupted: got {received} of {expected} bytes")
 
 
 def _extract_member(archive: Path, member: str, where: Path) -> Path:

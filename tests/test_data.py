@@ -27,7 +27,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     files: dict[str, bytes] = {}
     truncate: set[str] = set()
 
-    def do_GET(self):  # noqa: N802 - http.server's naming
+    def do_GET(self):
         body = self.files.get(self.path)
         if body is None:
             self.send_error(404)
@@ -159,7 +159,9 @@ def test_zip_member_is_unpacked(server, isolated, monkeypatch):
         zf.writestr("readme.txt", "not this one")
         zf.writestr("SMSSpamCollection", member)
     files["/sms.zip"] = buf.getvalue()
-    ds = data.Dataset("toy", "SMSSpamCollection", base + "/sms.zip", _sha(member), "SMSSpamCollection")
+    ds = data.Dataset(
+        "toy", "SMSSpamCollection", base + "/sms.zip", _sha(member), "SMSSpamCollection"
+    )
     _register(monkeypatch, ds)
     p = data.path("toy", progress=False)
     assert p.read_bytes() == member

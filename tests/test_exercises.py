@@ -18,7 +18,9 @@ from minigpt.exercises import Question, blank
 REPO = Path(__file__).resolve().parents[1]
 
 CHAPTERS = sorted(
-    m.name for m in pkgutil.iter_modules(minigpt.exercises.__path__) if re.fullmatch(r"ch\d\d", m.name)
+    m.name
+    for m in pkgutil.iter_modules(minigpt.exercises.__path__)
+    if re.fullmatch(r"ch\d\d", m.name)
 )
 
 

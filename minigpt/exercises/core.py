@@ -167,4 +167,6 @@ def close(a: Any, b: Any, *, atol: float = 1e-5, rtol: float = 1e-4, what: str =
     ta, tb = ta.detach().double(), tb.detach().double()
     if not torch.allclose(ta, tb, atol=atol, rtol=rtol, equal_nan=False):
         worst = (ta - tb).abs().max().item()
-        raise Incorrect(f"{what} values differ from the expected ones (largest difference {worst:.3g})")
+        raise Incorrect(
+            f"{what} values differ from the expected ones (largest difference {worst:.3g})"
+        )
