@@ -1,9 +1,34 @@
 """minigpt: a GPT-style language model built from scratch in PyTorch.
 
 Each chapter of the course graduates its code into one module here, named after
-the concept it implements (``minigpt.data``, ``minigpt.tokenizer``, ...).
+the concept it implements (``minigpt.data``, ``minigpt.tokenizer``, ...). The most
+used names are importable from the top level::
+
+    from minigpt import GPT, GPTConfig
 """
+
+from minigpt.attention import CausalSelfAttention, KVCache, scaled_dot_product_attention
+from minigpt.checkpoint import CheckpointError
+from minigpt.data import DataError
+from minigpt.embeddings import (
+    LearnedPositionalEmbedding,
+    RotaryEmbedding,
+    SinusoidalPositionalEncoding,
+)
+from minigpt.model import GPT, GPTConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "GPT",
+    "CausalSelfAttention",
+    "CheckpointError",
+    "DataError",
+    "GPTConfig",
+    "KVCache",
+    "LearnedPositionalEmbedding",
+    "RotaryEmbedding",
+    "SinusoidalPositionalEncoding",
+    "__version__",
+    "scaled_dot_product_attention",
+]

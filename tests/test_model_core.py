@@ -1,0 +1,133 @@
+"""Core invariants of minigpt.model that every later chapter relies on.
+
+(Chapter 04 adds the full model test suite: GPT-2 weights, parameter counts, ...)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minigpt import GPT, GPTConfig
+from minigpt.checkpoint import CheckpointError
+
+VARIANTS = [
+    ("tiny", {"positions": "learned"}),
+    ("tiny", {"positions": "sinusoidal"}),
+    ("tiny", {"positions": "rope"}),
+    ("tiny", {"positions": "none"}),
+    ("llama-tiny", {}),
+]
+
+
+@pytest.mark.parametrize(("preset", "overrides"), VARIANTS)
+def test_cached_forward_equals_full_forward(preset, overrides):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset(preset, vocab_size=97, **overrides)).eval()
+    idx = torch.randint(0, 97, (2, 20))
+    full, _ = model(idx)
+    cache = model.new_kv_cache(batch_size=2)
+    pieces = [model(idx[:, :7], kv_cache=cache)[0], model(idx[:, 7:12], kv_cache=cache)[0]]
+    pieces += [model(idx[:, t : t + 1], kv_cache=cache)[0] for t in range(12, 20)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("preset", "overrides"), VARIANTS)
+def test_causal(preset, overrides):
+    """Changing a later token never changes the logits at earlier positions."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset(preset, vocab_size=50, **overrides)).eval()
+    idx = torch.randint(0, 50, (1, 16))
+    changed = idx.clone()
+    changed[0, 10:] = (changed[0, 10:] + 1) % 50
+    a, _ = model(idx)
+    b, _ = model(changed)
+    torch.testing.assert_close(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_untrained_loss_is_about_log_vocab():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny", vocab_size=500))
+    idx = torch.randint(0, 500, (4, 64))
+    # not idx as targets: with tied weights a token predicts itself a little
+    targets = torch.randint(0, 500, (4, 64))
+    _, loss = model(idx, targets)
+    assert abs(loss.item() - torch.log(torch.tensor(500.0)).item()) < 0.1
+
+
+def test_ignore_index_positions_do_not_count():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny", vocab_size=30))
+    idx = torch.randint(0, 30, (1, 10))
+    targets = torch.randint(0, 30, (1, 10))
+    masked = targets.clone()
+    masked[0, :5] = -100
+    logits, loss = model(idx, masked)
+    expected = torch.nn.functional.cross_entropy(logits[0, 5:], targets[0, 5:])
+    torch.testing.assert_close(loss, expected)
+
+
+def test_save_load_roundtrip_is_bitwise(tmp_path):
+    for preset in ("tiny", "llama-tiny"):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig.preset(preset, vocab_size=40))
+        model.save(tmp_path / preset)
+        loaded = GPT.load(tmp_path / preset)
+        for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+            assert torch.equal(a, b), k
+        assert (
+            loaded.lm_head.weight.data_ptr() == loaded.wte.weight.data_ptr()
+            or not loaded.config.tie_weights
+        )
+
+
+def test_corrupt_checkpoint_names_the_file(tmp_path):
+    model = GPT(GPTConfig.preset("tiny", vocab_size=40))
+    model.save(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        GPT.load(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json"):
+        GPT.load(tmp_path)
+
+
+def test_checkpoint_of_another_shape_is_rejected(tmp_path):
+    GPT(GPTConfig.preset("tiny", vocab_size=40)).save(tmp_path)
+    other = GPT(GPTConfig.preset("tiny", vocab_size=41))
+    from minigpt.checkpoint import load_tensors
+
+    with pytest.raises(CheckpointError, match="wrong shape"):
+        other.load_weights(load_tensors(tmp_path / "model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"n_embd": 100, "n_head": 3}, "divisible by n_head"),
+        ({"n_kv_head": 3, "n_head": 4, "n_embd": 64}, "n_kv_head"),
+        ({"norm": "batchnorm"}, "norm must be one of"),
+        ({"positions": "alibi"}, "positions must be one of"),
+        ({"n_layer": 0}, "n_layer must be a positive integer"),
+        ({"dropout": 1.5}, "dropout"),
+    ],
+)
+def test_config_validation(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        GPTConfig.preset("tiny", **overrides)
+
+
+def test_bad_inputs_give_clear_errors():
+    model = GPT(GPTConfig.preset("tiny", vocab_size=30))
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"shape \(B, T\)"):
+        model(torch.zeros(5, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer tensor"):
+        model(torch.zeros(1, 5))
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 30\)"):
+        model(torch.full((1, 5), 30))
+    with pytest.raises(ValueError, match="unknown GPTConfig keys"):
+        GPTConfig.from_dict({"n_layers": 2})
