@@ -15,6 +15,8 @@ from minigpt.embeddings import (
     RotaryEmbedding,
     SinusoidalPositionalEncoding,
 )
+from minigpt.finetune import GPTClassifier, InstructionCollator
+from minigpt.lora import LoRALinear, apply_lora, merge_lora
 from minigpt.model import GPT, GPTConfig
 
 __version__ = "0.1.0"
@@ -24,11 +26,16 @@ __all__ = [
     "CausalSelfAttention",
     "CheckpointError",
     "DataError",
+    "GPTClassifier",
     "GPTConfig",
+    "InstructionCollator",
     "KVCache",
     "LearnedPositionalEmbedding",
+    "LoRALinear",
     "RotaryEmbedding",
     "SinusoidalPositionalEncoding",
     "__version__",
+    "apply_lora",
+    "merge_lora",
     "scaled_dot_product_attention",
 ]
