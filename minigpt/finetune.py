@@ -36,6 +36,7 @@ from minigpt.model import GPT
 
 __all__ = [
     "IGNORE_INDEX",
+    "BagOfWords",
     "PROMPT_INTRO",
     "DataFormatError",
     "FinetuneConfig",
@@ -725,3 +726,76 @@ def train_instructions(
         return instruction_loss(model, inputs.to(device), targets.to(device))
 
     return _fit(model, loss_fn, tokenized, cfg)
+
+
+# --------------------------------------------------------------------------- a baseline
+
+
+class BagOfWords(nn.Module):
+    """Logistic regression on word and word-pair counts: the baseline to beat.
+
+    ``BagOfWords.fit(train)`` builds the vocabulary (lower-cased words and adjacent
+    word pairs seen at least ``min_count`` times) and trains the weights with
+    AdamW; ``predict(texts)`` returns labels. One weight per n-gram and class,
+    summed by an ``nn.EmbeddingBag``, so it trains on all of SST-2 in seconds.
+    """
+
+    def __init__(self, vocab: dict[str, int], num_classes: int = 2) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.weights = nn.EmbeddingBag(len(vocab) + 1, num_classes, mode="sum")  # +1: unknown
+        nn.init.zeros_(self.weights.weight)
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+
+    @staticmethod
+    def ngrams(text: str) -> list[str]:
+        words = text.lower().split()
+        return words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+
+    def _ids(self, text: str) -> list[int]:
+        unk = len(self.vocab)
+        return [self.vocab.get(g, unk) for g in self.ngrams(text)] or [unk]
+
+    def _logits(self, bags: Sequence[list[int]]) -> Tensor:
+        offsets = torch.tensor([0, *(len(b) for b in bags[:-1])]).cumsum(0)
+        ids = torch.tensor([i for b in bags for i in b], dtype=torch.long)
+        return self.weights(ids, offsets) + self.bias  # (B, num_classes)
+
+    def forward(self, texts: Sequence[str]) -> Tensor:
+        """(B,) texts -> (B, num_classes) logits."""
+        return self._logits([self._ids(t) for t in texts])
+
+    @torch.no_grad()
+    def predict(self, texts: Sequence[str]) -> Tensor:
+        return self(texts).argmax(dim=-1)
+
+    @classmethod
+    def fit(
+        cls,
+        train: Sequence[tuple[str, int]],
+        *,
+        epochs: int = 3,
+        batch_size: int = 256,
+        lr: float = 0.02,
+        weight_decay: float = 0.0,
+        min_count: int = 2,
+        seed: int = 0,
+    ) -> BagOfWords:
+        counts: dict[str, int] = {}
+        for text, _ in train:
+            for g in cls.ngrams(text):
+                counts[g] = counts.get(g, 0) + 1
+        vocab = {g: i for i, g in enumerate(sorted(g for g, c in counts.items() if c >= min_count))}
+        model = cls(vocab, num_classes=max(y for _, y in train) + 1)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        gen = torch.Generator().manual_seed(seed)
+        labels = torch.tensor([y for _, y in train])
+        bags = [model._ids(text) for text, _ in train]  # n-gram ids, computed once
+        for _ in range(epochs):
+            for batch in torch.randperm(len(train), generator=gen).split(batch_size):
+                logits = model._logits([bags[i] for i in batch.tolist()])
+                loss = F.cross_entropy(logits, labels[batch])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        return model.eval()
