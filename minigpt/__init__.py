@@ -9,7 +9,7 @@ used names are importable from the top level::
 
 from minigpt.attention import CausalSelfAttention, KVCache, scaled_dot_product_attention
 from minigpt.checkpoint import CheckpointError
-from minigpt.data import DataError
+from minigpt.data import DataError, load_text, train_val_split
 from minigpt.embeddings import (
     LearnedPositionalEmbedding,
     RotaryEmbedding,
@@ -30,5 +30,7 @@ __all__ = [
     "RotaryEmbedding",
     "SinusoidalPositionalEncoding",
     "__version__",
+    "load_text",
     "scaled_dot_product_attention",
+    "train_val_split",
 ]
