@@ -9,7 +9,7 @@ used names are importable from the top level::
 
 from minigpt.attention import CausalSelfAttention, KVCache, scaled_dot_product_attention
 from minigpt.checkpoint import CheckpointError
-from minigpt.data import DataError
+from minigpt.data import DataError, load_text, train_val_split
 from minigpt.embeddings import (
     LearnedPositionalEmbedding,
     RotaryEmbedding,
@@ -36,6 +36,8 @@ __all__ = [
     "SinusoidalPositionalEncoding",
     "__version__",
     "apply_lora",
+    "load_text",
     "merge_lora",
     "scaled_dot_product_attention",
+    "train_val_split",
 ]
