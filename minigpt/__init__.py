@@ -6,4 +6,11 @@ the concept it implements (``minigpt.data``, ``minigpt.tokenizer``, ...).
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+from minigpt.tokenizer import GPT2_PATTERN, BPETokenizer, CharTokenizer
+
+__all__ = [
+    "GPT2_PATTERN",
+    "BPETokenizer",
+    "CharTokenizer",
+    "__version__",
+]
