@@ -293,7 +293,10 @@ class BPETokenizer:
         if isinstance(special_tokens, Mapping):
             for s, i in special_tokens.items():
                 if i in vocab and vocab[i] != s.encode("utf-8"):
-                    raise ValueError(f"special token {s!r} has id {i}, which is {vocab[i]!r}")
+                    raise ValueError(
+                        f"special token {s!r} is given id {i}, but the vocab uses that id "
+                        f"for {vocab[i]!r}; pick a free id"
+                    )
                 specials[s] = int(i)
         else:
             by_bytes = {b: i for i, b in vocab.items()}

@@ -433,6 +433,8 @@ def test_constructor_validates():
         BPETokenizer({**base, 256: b"a"}, [])
     with pytest.raises(TypeError):
         BPETokenizer(base, [], special_tokens=EOT)
+    with pytest.raises(ValueError, match="pick a free id"):
+        BPETokenizer(base, [], special_tokens={EOT: 65})
     tok = BPETokenizer({**base, 256: b"ab"}, [(b"a", b"b")], special_tokens=[EOT])
     assert tok.encode("abab") == [256, 256]
     assert tok.special_tokens == {EOT: 257}
