@@ -1,7 +1,7 @@
 """Tokenizer benchmark: minigpt.tokenizer against Hugging Face `tokenizers` and tiktoken.
 
-    python benchmarks/tokenizer.py            # the full run (about a minute)
-    python benchmarks/tokenizer.py --quick    # a smaller run (a few seconds)
+    python benchmarks/tokenizer.py            # the full run (a few minutes: tracemalloc is slow)
+    python benchmarks/tokenizer.py --quick    # a smaller run (under a minute)
 
 Everything is measured in one run on the same machine; the ratios are what matter
 (absolute times move with the machine's load). Prints:
