@@ -16,12 +16,16 @@ from minigpt.embeddings import (
     SinusoidalPositionalEncoding,
 )
 from minigpt.model import GPT, GPTConfig
+from minigpt.tokenizer import GPT2_PATTERN, BPETokenizer, CharTokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GPT",
+    "GPT2_PATTERN",
+    "BPETokenizer",
     "CausalSelfAttention",
+    "CharTokenizer",
     "CheckpointError",
     "DataError",
     "GPTConfig",
