@@ -18,12 +18,16 @@ from minigpt.embeddings import (
 from minigpt.finetune import GPTClassifier, InstructionCollator
 from minigpt.lora import LoRALinear, apply_lora, merge_lora
 from minigpt.model import GPT, GPTConfig
+from minigpt.tokenizer import GPT2_PATTERN, BPETokenizer, CharTokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GPT",
+    "GPT2_PATTERN",
+    "BPETokenizer",
     "CausalSelfAttention",
+    "CharTokenizer",
     "CheckpointError",
     "DataError",
     "GPTClassifier",
