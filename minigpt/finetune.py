@@ -19,6 +19,7 @@ Low-rank adapters (LoRA) live in ``minigpt.lora``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -36,8 +37,8 @@ from minigpt.model import GPT
 
 __all__ = [
     "IGNORE_INDEX",
-    "BagOfWords",
     "PROMPT_INTRO",
+    "BagOfWords",
     "DataFormatError",
     "FinetuneConfig",
     "GPTClassifier",
@@ -433,22 +434,25 @@ PROMPT_INTRO = (
 )
 
 
-def format_prompt(example: InstructionExample) -> str:
+def format_prompt(example: InstructionExample, intro: str = PROMPT_INTRO) -> str:
     """The Alpaca-style prompt for ``example``, ending where the response begins.
 
-    The "### Input:" section is left out when the example has no input.
+    The "### Input:" section is left out when the example has no input. ``intro``
+    is the preamble; ``intro=""`` drops it (105 characters matter to a model
+    with a short context; the ### headings still carry the structure).
     """
-    prompt = f"{PROMPT_INTRO}\n\n### Instruction:\n{example.instruction}"
+    prompt = f"{intro}\n\n" if intro else ""
+    prompt += f"### Instruction:\n{example.instruction}"
     if example.input:
         prompt += f"\n\n### Input:\n{example.input}"
     return prompt + "\n\n### Response:\n"
 
 
 def tokenize_instruction(
-    example: InstructionExample, encode: Encode
+    example: InstructionExample, encode: Encode, intro: str = PROMPT_INTRO
 ) -> tuple[list[int], list[int]]:
-    """``(prompt_ids, response_ids)`` for one example."""
-    return list(encode(format_prompt(example))), list(encode(example.output))
+    """``(prompt_ids, response_ids)`` for one example (see ``format_prompt`` for ``intro``)."""
+    return list(encode(format_prompt(example, intro))), list(encode(example.output))
 
 
 class InstructionCollator:
@@ -708,18 +712,20 @@ def train_instructions(
     encode: Encode,
     config: FinetuneConfig | None = None,
     collator: InstructionCollator | None = None,
+    intro: str = PROMPT_INTRO,
 ) -> dict[str, list[float]]:
     """Instruction-tune a language model on the responses of ``train``.
 
     The default collator pads with id 0, masks the prompts and cuts sequences
-    at the model's block size. Returns the history (``step``, ``loss``).
+    at the model's block size; ``intro`` is the prompt's preamble (see
+    ``format_prompt``). Returns the history (``step``, ``loss``).
     """
     cfg = config or FinetuneConfig()
     device = next(model.parameters()).device
     collate = collator or InstructionCollator(
         pad_id=0, max_length=cfg.max_length or model.config.block_size
     )
-    tokenized = [tokenize_instruction(ex, encode) for ex in train]
+    tokenized = [tokenize_instruction(ex, encode, intro) for ex in train]
 
     def loss_fn(batch: list[tuple[list[int], list[int]]]) -> Tensor:
         inputs, targets = collate(batch)
@@ -750,7 +756,7 @@ class BagOfWords(nn.Module):
     @staticmethod
     def ngrams(text: str) -> list[str]:
         words = text.lower().split()
-        return words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+        return words + [f"{a} {b}" for a, b in itertools.pairwise(words)]
 
     def _ids(self, text: str) -> list[int]:
         unk = len(self.vocab)

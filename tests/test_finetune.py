@@ -263,6 +263,8 @@ def test_prompt_template_includes_input_only_when_present():
     )
     assert "### Input:" not in without and without.endswith("Say hi.\n\n### Response:\n")
     assert with_input.startswith("Below is an instruction that describes a task.")
+    bare = format_prompt(InstructionExample("Say hi.", "", "hi"), intro="")
+    assert bare == "### Instruction:\nSay hi.\n\n### Response:\n"
 
 
 def test_collator_shifts_pads_and_masks():
