@@ -11,6 +11,7 @@ import torch
 from minigpt import GPT, GPTConfig
 from minigpt.finetune import (
     IGNORE_INDEX,
+    BagOfWords,
     DataFormatError,
     FinetuneConfig,
     GPTClassifier,
@@ -327,3 +328,20 @@ def test_instruction_tuning_lowers_the_response_loss():
     )
     after = instruction_loss(model, *batch).item()
     assert len(history["loss"]) == 30 and after < 0.5 * before
+
+
+def test_bag_of_words_baseline_learns_word_polarity():
+    good = [
+        "a charming , funny film",
+        "funny and charming",
+        "a wonderful story",
+        "wonderful acting",
+    ]
+    bad = ["a dull , boring film", "boring and dull", "an awful story", "awful acting"]
+    train = [(t, 1) for t in good] * 5 + [(t, 0) for t in bad] * 5
+    model = BagOfWords.fit(train, epochs=20, batch_size=8, lr=0.1, min_count=1)
+    assert model.predict(["charming and wonderful", "dull and awful", "never seen"]).tolist()[
+        :2
+    ] == [1, 0]
+    assert model(["x"]).shape == (1, 2)
+    assert "and charming" in model.vocab and "zebra" not in model.vocab
