@@ -9,13 +9,14 @@ used names are importable from the top level::
 
 from minigpt.attention import CausalSelfAttention, KVCache, scaled_dot_product_attention
 from minigpt.checkpoint import CheckpointError
-from minigpt.data import DataError
+from minigpt.data import DataError, TokenDataset
 from minigpt.embeddings import (
     LearnedPositionalEmbedding,
     RotaryEmbedding,
     SinusoidalPositionalEncoding,
 )
 from minigpt.model import GPT, GPTConfig
+from minigpt.train import LossHistory, TrainConfig, Trainer, TrainingDivergedError, train
 
 __version__ = "0.1.0"
 
@@ -27,8 +28,14 @@ __all__ = [
     "GPTConfig",
     "KVCache",
     "LearnedPositionalEmbedding",
+    "LossHistory",
     "RotaryEmbedding",
     "SinusoidalPositionalEncoding",
+    "TokenDataset",
+    "TrainConfig",
+    "Trainer",
+    "TrainingDivergedError",
     "__version__",
     "scaled_dot_product_attention",
+    "train",
 ]
