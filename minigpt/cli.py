@@ -160,13 +160,13 @@ def _read_text(data: dict[str, Any]) -> str:
 
 
 def _datasets(data: dict[str, Any], tokenizer: Any, text: str, block_size: int, progress: bool):
-    from minigpt.data import TokenDataset, cached_tokens, split_tokens
+    from minigpt.data import TokenDataset, cached_tokens, train_val_split
 
     key = "char" if data["tokenizer"] == "char" else Path(str(data["tokenizer"])).stem
     ids = cached_tokens(
         text, _fast_encode(tokenizer), vocab_size=tokenizer.vocab_size, key=key, progress=progress
     )
-    train_ids, val_ids = split_tokens(ids, float(data.get("val_fraction", 0.1)))
+    train_ids, val_ids = train_val_split(ids, float(data.get("val_fraction", 0.1)))
     val = TokenDataset(val_ids, block_size) if len(val_ids) > block_size else None
     return TokenDataset(train_ids, block_size), val
 

@@ -970,7 +970,7 @@ def shakespeare_char_history(
 
 
 def _train_shakespeare_char(folder: Path, *, steps: int, seed: int, progress: bool) -> None:
-    from minigpt.data import cached_tokens, load_text, split_tokens
+    from minigpt.data import cached_tokens, load_text, train_val_split
     from minigpt.tokenizer import CharTokenizer
 
     text = load_text("tinyshakespeare")
@@ -983,7 +983,7 @@ def _train_shakespeare_char(folder: Path, *, steps: int, seed: int, progress: bo
         directory=folder.parent.parent,
         progress=progress,
     )
-    train_ids, val_ids = split_tokens(ids, 0.1)
+    train_ids, val_ids = train_val_split(ids, 0.1)
     mc = GPTConfig(vocab_size=tokenizer.vocab_size, **SHAKESPEARE_CHAR_MODEL)
     tc = TrainConfig(
         max_steps=steps,

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from minigpt.checkpoint import CheckpointError
-from minigpt.data import TokenDataset, cached_tokens, encode_to_file, load_tokens, split_tokens
+from minigpt.data import TokenDataset, cached_tokens, encode_to_file, load_tokens, train_val_split
 from minigpt.model import GPT, GPTConfig
 from minigpt.train import (
     TrainConfig,
@@ -49,7 +49,7 @@ def _trainer(out_dir=None, *, steps=8, dropout=0.1, seed=0, **overrides) -> Trai
         GPTConfig(vocab_size=V, block_size=T, n_layer=1, n_head=2, n_embd=16, dropout=dropout)
     )
     toks = _tokens()
-    train_part, val_part = split_tokens(toks, 0.1)
+    train_part, val_part = train_val_split(toks, 0.1)
     cfg = dict(
         max_steps=steps,
         batch_size=4,
