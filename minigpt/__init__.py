@@ -17,7 +17,7 @@ from minigpt.embeddings import (
 )
 from minigpt.model import GPT, GPTConfig
 from minigpt.tokenizer import GPT2_PATTERN, BPETokenizer, CharTokenizer
-from minigpt.train import LossHistory, TrainConfig, Trainer, TrainingDivergedError, train
+from minigpt.train import LossHistory, TrainConfig, Trainer, TrainingDivergedError
 
 __version__ = "0.1.0"
 
@@ -42,6 +42,5 @@ __all__ = [
     "__version__",
     "load_text",
     "scaled_dot_product_attention",
-    "train",
     "train_val_split",
 ]

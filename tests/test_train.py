@@ -317,3 +317,29 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     assert 3 <= start < steps
     assert got["history"]["train_loss"] == ref["train_loss"]
     assert got["history"]["val_loss"] == ref["val_loss"]
+
+
+# ----------------------------------------------------------------------------- pretrained helper
+
+
+def test_shakespeare_char_model_trains_once_then_loads(tmp_path, monkeypatch, data_dir):
+    import minigpt.train as mt
+
+    model, tok = mt.shakespeare_char_model(tmp_path, steps=2)
+    assert isinstance(model, GPT) and not model.training
+    assert tok.vocab_size == model.config.vocab_size == 65
+    assert tok.decode(tok.encode("ROMEO:")) == "ROMEO:"
+    (folder,) = (tmp_path / "models").iterdir()
+    assert {"model.safetensors", "config.json", "tokenizer.json", "history.json"} <= {
+        p.name for p in folder.iterdir()
+    }
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached model should have been loaded")
+
+    monkeypatch.setattr(mt, "_train_shakespeare_char", no_training)
+    again, _ = mt.shakespeare_char_model(tmp_path, steps=2)
+    for a, b in zip(model.parameters(), again.parameters()):
+        torch.testing.assert_close(a, b)
+    history = mt.shakespeare_char_history(tmp_path, steps=2)
+    assert history.steps == [1, 2] and len(history.val_loss) == 2
