@@ -6,6 +6,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.minigpt-installed
 PYTEST_ARGS ?=
+# Test processes: notebooks run whole on one worker each (--dist loadfile).
+JOBS ?= 2
 
 # Quiet a harmless debugger warning that Python 3.11 kernels print on stderr.
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
@@ -35,7 +37,7 @@ format: setup
 	$(BIN)/ruff format .
 
 test: lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile $(PYTEST_ARGS)
 
 unit: setup
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)

@@ -9,7 +9,7 @@ used names are importable from the top level::
 
 from minigpt.attention import CausalSelfAttention, KVCache, scaled_dot_product_attention
 from minigpt.checkpoint import CheckpointError
-from minigpt.data import DataError, load_text, train_val_split
+from minigpt.data import DataError, TokenDataset, load_text, train_val_split
 from minigpt.embeddings import (
     LearnedPositionalEmbedding,
     RotaryEmbedding,
@@ -19,6 +19,7 @@ from minigpt.finetune import GPTClassifier, InstructionCollator
 from minigpt.lora import LoRALinear, apply_lora, merge_lora
 from minigpt.model import GPT, GPTConfig
 from minigpt.tokenizer import GPT2_PATTERN, BPETokenizer, CharTokenizer
+from minigpt.train import LossHistory, TrainConfig, Trainer, TrainingDivergedError
 
 __version__ = "0.1.0"
 
@@ -36,8 +37,13 @@ __all__ = [
     "KVCache",
     "LearnedPositionalEmbedding",
     "LoRALinear",
+    "LossHistory",
     "RotaryEmbedding",
     "SinusoidalPositionalEncoding",
+    "TokenDataset",
+    "TrainConfig",
+    "Trainer",
+    "TrainingDivergedError",
     "__version__",
     "apply_lora",
     "load_text",
