@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from minigpt import data
 from minigpt.model import GPT
+from minigpt.train import clip_grad_norm, configure_optimizer, lr_at
 
 __all__ = [
     "IGNORE_INDEX",
@@ -540,7 +541,8 @@ class FinetuneConfig:
     Attributes:
         steps: optimizer steps (the loop also stops at ``time_limit``).
         batch_size: examples per step.
-        lr: peak AdamW learning rate (linear warmup, then cosine decay to 10%).
+        lr: peak AdamW learning rate (linear warmup, then cosine decay to lr / 10 at
+            ``steps``, as in ``minigpt.train``).
         warmup_steps: steps of linear warmup.
         weight_decay: AdamW weight decay on matrices (never on biases and norms).
         grad_clip: clip the gradient norm to this (0 = off).
@@ -568,29 +570,6 @@ class FinetuneConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
 
 
-def _lr_at(step: int, cfg: FinetuneConfig) -> float:
-    """Linear warmup then cosine decay to 10% of the peak."""
-    import math
-
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def _optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters: unfreeze something first")
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
-
-
 def _fit(
     model: nn.Module,
     loss_fn: Callable[[list], Tensor],
@@ -598,12 +577,17 @@ def _fit(
     cfg: FinetuneConfig,
     evaluate: Callable[[], float] | None = None,
 ) -> dict[str, list[float]]:
-    """The shared loop: shuffled minibatches, AdamW, warmup + cosine, clipping."""
+    """The shared loop: shuffled minibatches, then chapter 05's pieces (``minigpt.train``):
+    AdamW with decay on matrices only, linear warmup + cosine decay to lr/10, clipping."""
     if not examples:
         raise ValueError("no training examples")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("the model has no trainable parameters: unfreeze something first")
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # dropout
-    opt = _optimizer(model, cfg)
+    # chapter 05's optimizer (only the trainable parameters; no decay on vectors)
+    opt = configure_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     history: dict[str, list[float]] = {"step": [], "loss": [], "eval_step": [], "eval": []}
     order: list[int] = []
     start = time.perf_counter()
@@ -615,15 +599,20 @@ def _fit(
             order += torch.randperm(len(examples), generator=gen).tolist()
         batch = [examples[i] for i in order[: cfg.batch_size]]
         del order[: cfg.batch_size]
+        lr = lr_at(
+            step,
+            lr=cfg.lr,
+            min_lr=cfg.lr / 10,
+            warmup_steps=cfg.warmup_steps,
+            decay_steps=cfg.steps,
+        )
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg)
+            group["lr"] = lr
         loss = loss_fn(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(
-                [p for p in model.parameters() if p.requires_grad], cfg.grad_clip
-            )
+            clip_grad_norm(trainable, cfg.grad_clip)
         opt.step()
         history["step"].append(step)
         history["loss"].append(loss.item())
