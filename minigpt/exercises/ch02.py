@@ -234,7 +234,7 @@ class PositionsWithOffset(Question):
     )
     _solution = """
 def add_positions(tok_emb, table, offset):
-    B, T, C = tok_emb.shape
+    T = tok_emb.shape[1]
     if offset + T > table.shape[0]:
         raise ValueError(f"positions up to {offset + T - 1} do not fit a table of {table.shape[0]}")
     return tok_emb + table[offset : offset + T]   # (B, T, C) + (T, C)
