@@ -345,3 +345,13 @@ def test_bag_of_words_baseline_learns_word_polarity():
     ] == [1, 0]
     assert model(["x"]).shape == (1, 2)
     assert "and charming" in model.vocab and "zebra" not in model.vocab
+
+
+def test_training_needs_something_trainable_and_a_valid_config():
+    clf = GPTClassifier(tiny_gpt(), num_classes=2)
+    for p in clf.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        train_classifier(clf, [("a", 0), ("b", 1)], encode, FinetuneConfig(steps=1))
+    with pytest.raises(ValueError, match="lr"):
+        FinetuneConfig(lr=0)
