@@ -592,8 +592,11 @@ def _fit(
     order: list[int] = []
     start = time.perf_counter()
     model.train()
+    step_seconds = 0.0
     for step in range(cfg.steps):
-        if cfg.time_limit is not None and time.perf_counter() - start > cfg.time_limit:
+        elapsed = time.perf_counter() - start
+        # stop before a step that would end past the limit (a step takes about the last one's time)
+        if cfg.time_limit is not None and elapsed + step_seconds > cfg.time_limit:
             break
         if len(order) < cfg.batch_size:
             order += torch.randperm(len(examples), generator=gen).tolist()
@@ -616,6 +619,7 @@ def _fit(
         opt.step()
         history["step"].append(step)
         history["loss"].append(loss.item())
+        step_seconds = time.perf_counter() - start - elapsed
         if evaluate is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             model.eval()
             history["eval_step"].append(step + 1)
