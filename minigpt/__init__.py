@@ -9,26 +9,38 @@ used names are importable from the top level::
 
 from minigpt.attention import CausalSelfAttention, KVCache, scaled_dot_product_attention
 from minigpt.checkpoint import CheckpointError
-from minigpt.data import DataError
+from minigpt.data import DataError, TokenDataset, load_text, train_val_split
 from minigpt.embeddings import (
     LearnedPositionalEmbedding,
     RotaryEmbedding,
     SinusoidalPositionalEncoding,
 )
 from minigpt.model import GPT, GPTConfig
+from minigpt.tokenizer import GPT2_PATTERN, BPETokenizer, CharTokenizer
+from minigpt.train import LossHistory, TrainConfig, Trainer, TrainingDivergedError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GPT",
+    "GPT2_PATTERN",
+    "BPETokenizer",
     "CausalSelfAttention",
+    "CharTokenizer",
     "CheckpointError",
     "DataError",
     "GPTConfig",
     "KVCache",
     "LearnedPositionalEmbedding",
+    "LossHistory",
     "RotaryEmbedding",
     "SinusoidalPositionalEncoding",
+    "TokenDataset",
+    "TrainConfig",
+    "Trainer",
+    "TrainingDivergedError",
     "__version__",
+    "load_text",
     "scaled_dot_product_attention",
+    "train_val_split",
 ]
