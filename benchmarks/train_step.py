@@ -8,12 +8,17 @@ median over the timed steps after a few warm-up steps.
 
     python benchmarks/train_step.py            # both sizes, prints a table and PASS/FAIL
     python benchmarks/train_step.py --quick    # a few steps, to check that it runs
+    python benchmarks/train_step.py --threads 1   # on a busy shared machine (see below)
 
 Goal: minigpt at least 1.2x the tokens/s of transformers at each size. The two
 sizes are nanoGPT's character-level Tiny Shakespeare configurations (its "laptop
 CPU" one and its default one), hence the default vocabulary of 65 characters;
 ``--vocab-size 50257`` measures with GPT-2's tokenizer, where the output layer
 (the same matmul in both models) dominates the small size.
+
+On a machine whose cores are shared with other busy processes, PyTorch's worker
+threads wait on each other at every operation and both models slow down many times
+over; ``--threads 1`` gives steadier figures there.
 """
 
 from __future__ import annotations
