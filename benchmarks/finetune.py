@@ -63,7 +63,7 @@ def main() -> None:
     )
     ap.add_argument("--max-length", type=int, default=128, help="characters per message")
     ap.add_argument("--rank", type=int, default=4, help="LoRA rank")
-    ap.add_argument("--lora-lr", type=float, default=5e-3, help="LoRA learning rate")
+    ap.add_argument("--lora-lr", type=float, default=1e-2, help="LoRA learning rate")
     ap.add_argument(
         "--tasks",
         default="spam,layers,lora,sst",

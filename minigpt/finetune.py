@@ -547,8 +547,10 @@ class FinetuneConfig:
         weight_decay: AdamW weight decay on matrices (never on biases and norms).
         grad_clip: clip the gradient norm to this (0 = off).
         max_length: longest sequence in tokens (None = the model's block_size).
-        time_limit: stop after this many seconds of training (None = no limit).
+        time_limit: stop after this many seconds of training (None = no limit); the
+            learning-rate schedule then follows whichever of steps and time runs out first.
         eval_every: evaluate on the validation data every this many steps (0 = never).
+        bucket_by_length: batch examples of similar lengths together (less padding).
         seed: seeds the batch order and dropout.
     """
 
@@ -561,6 +563,7 @@ class FinetuneConfig:
     max_length: int | None = None
     time_limit: float | None = None
     eval_every: int = 0
+    bucket_by_length: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -570,15 +573,37 @@ class FinetuneConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
 
 
+def _epoch_batches(
+    n: int, batch_size: int, gen: torch.Generator, lengths: Sequence[int] | None
+) -> list[list[int]]:
+    """One epoch of shuffled batches of example indices, consumed from the end.
+
+    With ``lengths``, examples are sorted by length inside windows of 32 batches, so
+    a batch holds texts of similar length and pads little (SMS messages run from 2
+    to 900 characters; padding to the longest in a random batch wastes about half
+    the compute). The order of the batches is shuffled again.
+    """
+    perm = torch.randperm(n, generator=gen).tolist()
+    if lengths is not None:
+        w = 32 * batch_size
+        perm = [i for s in range(0, n, w) for i in sorted(perm[s : s + w], key=lengths.__getitem__)]
+    batches = [perm[s : s + batch_size] for s in range(0, n, batch_size)]
+    if lengths is not None:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+    return batches[::-1]
+
+
 def _fit(
     model: nn.Module,
     loss_fn: Callable[[list], Tensor],
     examples: Sequence,
     cfg: FinetuneConfig,
     evaluate: Callable[[], float] | None = None,
+    lengths: Sequence[int] | None = None,
 ) -> dict[str, list[float]]:
-    """The shared loop: shuffled minibatches, then chapter 05's pieces (``minigpt.train``):
-    AdamW with decay on matrices only, linear warmup + cosine decay to lr/10, clipping."""
+    """The shared loop: shuffled minibatches (of similar lengths when ``lengths`` are
+    given), then chapter 05's pieces (``minigpt.train``): AdamW with decay on matrices
+    only, linear warmup + cosine decay to lr/10, clipping."""
     if not examples:
         raise ValueError("no training examples")
     if not any(p.requires_grad for p in model.parameters()):
@@ -589,7 +614,7 @@ def _fit(
     opt = configure_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
     trainable = [p for p in model.parameters() if p.requires_grad]
     history: dict[str, list[float]] = {"step": [], "loss": [], "eval_step": [], "eval": []}
-    order: list[int] = []
+    queue: list[list[int]] = []
     start = time.perf_counter()
     model.train()
     step_seconds = 0.0
@@ -598,12 +623,16 @@ def _fit(
         # stop before a step that would end past the limit (a step takes about the last one's time)
         if cfg.time_limit is not None and elapsed + step_seconds > cfg.time_limit:
             break
-        if len(order) < cfg.batch_size:
-            order += torch.randperm(len(examples), generator=gen).tolist()
-        batch = [examples[i] for i in order[: cfg.batch_size]]
-        del order[: cfg.batch_size]
+        if not queue:
+            queue = _epoch_batches(len(examples), cfg.batch_size, gen, lengths)
+        batch = [examples[i] for i in queue.pop()]
+        # progress through the schedule: by steps, or by time when a time limit ends training
+        # first (so the learning rate still decays to its minimum by the end)
+        virtual = step
+        if cfg.time_limit is not None and step >= cfg.warmup_steps:
+            virtual = max(step, round(cfg.steps * elapsed / cfg.time_limit))
         lr = lr_at(
-            step,
+            virtual,
             lr=cfg.lr,
             min_lr=cfg.lr / 10,
             warmup_steps=cfg.warmup_steps,
@@ -655,7 +684,8 @@ def train_classifier(
     def evaluate() -> float:
         return evaluate_classifier(model, val, encode, max_length=max_length)[0]
 
-    return _fit(model, loss_fn, train, cfg, evaluate if val else None)
+    lengths = [min(len(encode(t)), max_length) for t, _ in train] if cfg.bucket_by_length else None
+    return _fit(model, loss_fn, train, cfg, evaluate if val else None, lengths)
 
 
 @torch.no_grad()
@@ -724,7 +754,8 @@ def train_instructions(
         inputs, targets = collate(batch)
         return instruction_loss(model, inputs.to(device), targets.to(device))
 
-    return _fit(model, loss_fn, tokenized, cfg)
+    lengths = [len(p) + len(r) for p, r in tokenized] if cfg.bucket_by_length else None
+    return _fit(model, loss_fn, tokenized, cfg, lengths=lengths)
 
 
 # --------------------------------------------------------------------------- a baseline

@@ -355,3 +355,16 @@ def test_training_needs_something_trainable_and_a_valid_config():
         train_classifier(clf, [("a", 0), ("b", 1)], encode, FinetuneConfig(steps=1))
     with pytest.raises(ValueError, match="lr"):
         FinetuneConfig(lr=0)
+
+
+def test_epoch_batches_cover_every_example_once_and_group_lengths():
+    from minigpt.finetune import _epoch_batches
+
+    lengths = [(i * 37) % 100 for i in range(200)]
+    gen = torch.Generator().manual_seed(0)
+    batches = _epoch_batches(200, 8, gen, lengths)
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches)
+    plain = _epoch_batches(200, 8, torch.Generator().manual_seed(0), None)
+    plain_spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in plain)
+    assert spread < plain_spread / 3
