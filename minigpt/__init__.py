@@ -15,6 +15,7 @@ from minigpt.embeddings import (
     RotaryEmbedding,
     SinusoidalPositionalEncoding,
 )
+from minigpt.generate import generate, generate_text, sample_next_token, stream
 from minigpt.model import GPT, GPTConfig
 
 __version__ = "0.1.0"
@@ -30,5 +31,9 @@ __all__ = [
     "RotaryEmbedding",
     "SinusoidalPositionalEncoding",
     "__version__",
+    "generate",
+    "generate_text",
+    "sample_next_token",
     "scaled_dot_product_attention",
+    "stream",
 ]
