@@ -9,7 +9,7 @@ used names are importable from the top level::
 
 from minigpt.attention import CausalSelfAttention, KVCache, scaled_dot_product_attention
 from minigpt.checkpoint import CheckpointError
-from minigpt.data import DataError
+from minigpt.data import DataError, load_text, train_val_split
 from minigpt.embeddings import (
     LearnedPositionalEmbedding,
     RotaryEmbedding,
@@ -17,12 +17,16 @@ from minigpt.embeddings import (
 )
 from minigpt.generate import generate, generate_text, sample_next_token, stream
 from minigpt.model import GPT, GPTConfig
+from minigpt.tokenizer import GPT2_PATTERN, BPETokenizer, CharTokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GPT",
+    "GPT2_PATTERN",
+    "BPETokenizer",
     "CausalSelfAttention",
+    "CharTokenizer",
     "CheckpointError",
     "DataError",
     "GPTConfig",
@@ -33,7 +37,9 @@ __all__ = [
     "__version__",
     "generate",
     "generate_text",
+    "load_text",
     "sample_next_token",
     "scaled_dot_product_attention",
     "stream",
+    "train_val_split",
 ]

@@ -25,6 +25,7 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 __all__ = [
     "DATASETS",
@@ -34,6 +35,7 @@ __all__ = [
     "load_text",
     "path",
     "sha256_file",
+    "train_val_split",
 ]
 
 
@@ -191,6 +193,61 @@ def path(name: str, *, download: bool = True, progress: bool = True) -> Path:
 def load_text(name: str, *, encoding: str = "utf-8") -> str:
     """Read dataset ``name`` as text (see ``path`` for where it comes from)."""
     return path(name).read_text(encoding=encoding)
+
+
+Seq = TypeVar("Seq")
+
+
+def train_val_split(data: Seq, val_fraction: float = 0.1) -> tuple[Seq, Seq]:
+    """Split a sequence into its first ``1 - val_fraction`` and its last ``val_fraction``.
+
+    The split is by position, not random: the validation piece is the *end* of the
+    text, so the model is judged on passages it never saw (a random split would
+    put neighbouring, nearly identical characters on both sides).
+
+    Args:
+        data: anything sliceable with a length: a ``str``, a ``list``, a 1-D numpy
+            array, or a 1-D torch tensor of token ids, shape ``(N,)``.
+        val_fraction: the share that goes to validation, strictly between 0 and 1.
+            The cut is at ``n_train = int(len(data) * (1 - val_fraction))``.
+
+    Returns:
+        ``(train, val)``: slices of ``data`` of the same type, shapes ``(n_train,)``
+        and ``(N - n_train,)``. For tensors and arrays they are views, not copies.
+
+    Raises:
+        ValueError: ``val_fraction`` is not in (0, 1), ``data`` is not 1-D, or one
+            of the pieces would be empty (the data is too short for this fraction).
+        TypeError: ``data`` cannot be measured with ``len`` and sliced.
+    """
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)):
+        raise TypeError(f"val_fraction must be a number, got {type(val_fraction).__name__}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(
+            f"val_fraction must be strictly between 0 and 1, got {val_fraction}; "
+            "0.1 keeps the last 10% for validation"
+        )
+    ndim = getattr(data, "ndim", 1)
+    if ndim != 1:
+        shape = tuple(getattr(data, "shape", ()))
+        raise ValueError(
+            f"expected 1-D data (a sequence of characters or token ids), got shape {shape}; "
+            "flatten it first, e.g. data.reshape(-1)"
+        )
+    try:
+        n = len(data)  # type: ignore[arg-type]
+    except TypeError as e:
+        raise TypeError(
+            f"expected a str, list, numpy array or 1-D tensor, got {type(data).__name__}"
+        ) from e
+    n_train = int(n * (1.0 - val_fraction))
+    if n_train == 0 or n_train == n:
+        raise ValueError(
+            f"splitting {n} items with val_fraction={val_fraction} leaves "
+            f"{n_train} for training and {n - n_train} for validation; both need at "
+            "least one item, so use more data or a different val_fraction"
+        )
+    return data[:n_train], data[n_train:]  # type: ignore[index]
 
 
 def _missing_message(ds: Dataset, cached: Path, data_dir: str | None, reason: str) -> str:

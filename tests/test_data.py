@@ -194,3 +194,50 @@ def test_stale_partial_file_is_ignored(server, isolated, monkeypatch):
     (isolated / ".t.txt.abc.part").write_bytes(b"comp")
     _register(monkeypatch, data.Dataset("toy", "t.txt", base + "/t.txt", _sha(body)))
     assert data.path("toy", progress=False).read_bytes() == body
+
+
+def test_train_val_split_keeps_order_and_type():
+    import numpy as np
+    import torch
+
+    text = "abcdefghij"
+    train, val = data.train_val_split(text)
+    assert (train, val) == ("abcdefghi", "j")
+    assert data.train_val_split(list(text), 0.3) == (list("abcdefg"), list("hij"))
+    arr = np.arange(10)
+    a_train, a_val = data.train_val_split(arr, 0.2)
+    assert isinstance(a_train, np.ndarray) and a_train.tolist() == list(range(8))
+    assert a_val.tolist() == [8, 9]
+    ids = torch.arange(1000)
+    t_train, t_val = data.train_val_split(ids)
+    assert isinstance(t_val, torch.Tensor) and t_train.shape == (900,) and t_val.shape == (100,)
+    assert torch.equal(torch.cat([t_train, t_val]), ids)
+    assert t_train.data_ptr() == ids.data_ptr(), "tensor pieces are views, not copies"
+
+
+def test_train_val_split_matches_the_hand_made_split(shakespeare: str):
+    n = int(0.9 * len(shakespeare))
+    assert data.train_val_split(shakespeare) == (shakespeare[:n], shakespeare[n:])
+
+
+@pytest.mark.parametrize("fraction", [0, 1, -0.1, 1.5, 0.0, 1.0])
+def test_train_val_split_rejects_bad_fractions(fraction):
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        data.train_val_split("abcdefghij", fraction)
+
+
+def test_train_val_split_rejects_bad_input():
+    import torch
+
+    with pytest.raises(ValueError, match="both need at least one item"):
+        data.train_val_split("a", 0.5)  # nothing left to train on
+    with pytest.raises(ValueError, match="both need at least one item"):
+        data.train_val_split("abcdefghij", 1e-17)  # nothing left to validate on
+    with pytest.raises(ValueError, match="both need at least one item"):
+        data.train_val_split("", 0.5)
+    with pytest.raises(ValueError, match="expected 1-D data"):
+        data.train_val_split(torch.zeros(4, 5))
+    with pytest.raises(TypeError, match="expected a str, list"):
+        data.train_val_split(x for x in "abc")
+    with pytest.raises(TypeError, match="val_fraction must be a number"):
+        data.train_val_split("abcdefghij", "0.1")

@@ -1,0 +1,112 @@
+"""The notebook harness itself: stored notebooks are well formed, and nbval really
+compares outputs (a changed stored output fails; sanitized timings do not)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FOLDERS = ("notebooks", "exercises", "solutions")
+NOTEBOOKS = sorted(p for folder in FOLDERS for p in (REPO / folder).glob("*.ipynb"))
+
+
+def _rel(p: Path) -> str:
+    return str(p.relative_to(REPO))
+
+
+def test_chapters_are_numbered_alike():
+    lessons = {p.name for p in (REPO / "notebooks").glob("*.ipynb")}
+    exercises = {p.name for p in (REPO / "exercises").glob("*.ipynb")}
+    solutions = {p.name for p in (REPO / "solutions").glob("*.ipynb")}
+    assert lessons, "no lesson notebooks"
+    assert exercises == solutions, "every exercise notebook has a solved twin of the same name"
+    assert exercises <= lessons, "exercise notebooks are named after their chapter"
+    for name in lessons:
+        assert re.fullmatch(r"\d\d_[a-z0-9_]+\.ipynb", name), name
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_rel)
+def test_stored_executed_in_order(path: Path):
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    counts = []
+    for cell in nb["cells"]:
+        if cell["cell_type"] != "code" or not "".join(cell["source"]).strip():
+            continue
+        assert cell["execution_count"] is not None, "a code cell was never executed"
+        counts.append(cell["execution_count"])
+        for out in cell.get("outputs", []):
+            assert out["output_type"] != "error", f"stored error output: {out.get('ename')}"
+    assert counts == list(range(1, len(counts) + 1)), "re-run top to bottom in a fresh kernel"
+    assert path.stat().st_size < 1_500_000, "keep notebooks small"
+    assert nb["metadata"]["kernelspec"]["name"] == "python3"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "notebooks").glob("*.ipynb")), ids=_rel)
+def test_lesson_ends_with_graduation(path: Path):
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    headings = [
+        line
+        for cell in nb["cells"]
+        if cell["cell_type"] == "markdown"
+        for line in "".join(cell["source"]).splitlines()
+        if line.startswith("#")
+    ]
+    assert any("graduation" in h.lower() for h in headings), "a lesson needs a Graduation section"
+
+
+def _run_nbval(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "--nbval",
+            "--nbval-current-env",
+            "--nbval-sanitize-with",
+            str(REPO / "tests" / "sanitize.cfg"),
+            "-o",
+            "addopts=",
+            "-q",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=path.parent,
+        timeout=300,
+    )
+
+
+def _notebook(tmp_path: Path, cells: list[tuple[str, str]]) -> Path:
+    """A notebook whose code cells have the given (source, stored stdout) pairs."""
+    nb = nbformat.v4.new_notebook()
+    for i, (source, stdout) in enumerate(cells, start=1):
+        cell = nbformat.v4.new_code_cell(source, execution_count=i)
+        cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text=stdout)]
+        nb.cells.append(cell)
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    path = tmp_path / "probe.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+def test_nbval_fails_when_a_stored_output_changes(tmp_path: Path):
+    good = _notebook(tmp_path, [("print(6 * 7)", "42\n"), ("print('took 12.5 ms')", "took 3 ms\n")])
+    result = _run_nbval(good)
+    assert result.returncode == 0, result.stdout + result.stderr
+    bad = _notebook(tmp_path, [("print(6 * 7)", "43\n"), ("print('took 12.5 ms')", "took 3 ms\n")])
+    result = _run_nbval(bad)
+    assert result.returncode != 0, "nbval accepted a changed output"
+    assert "43" in result.stdout
