@@ -9,7 +9,7 @@ used names are importable from the top level::
 
 from minigpt.attention import CausalSelfAttention, KVCache, scaled_dot_product_attention
 from minigpt.checkpoint import CheckpointError
-from minigpt.data import DataError, load_text, train_val_split
+from minigpt.data import DataError, TokenDataset, load_text, train_val_split
 from minigpt.embeddings import (
     LearnedPositionalEmbedding,
     RotaryEmbedding,
@@ -18,6 +18,7 @@ from minigpt.embeddings import (
 from minigpt.generate import generate, generate_text, sample_next_token, stream
 from minigpt.model import GPT, GPTConfig
 from minigpt.tokenizer import GPT2_PATTERN, BPETokenizer, CharTokenizer
+from minigpt.train import LossHistory, TrainConfig, Trainer, TrainingDivergedError
 
 __version__ = "0.1.0"
 
@@ -32,8 +33,13 @@ __all__ = [
     "GPTConfig",
     "KVCache",
     "LearnedPositionalEmbedding",
+    "LossHistory",
     "RotaryEmbedding",
     "SinusoidalPositionalEncoding",
+    "TokenDataset",
+    "TrainConfig",
+    "Trainer",
+    "TrainingDivergedError",
     "__version__",
     "generate",
     "generate_text",

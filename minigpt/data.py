@@ -23,18 +23,27 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
+
+import numpy as np
+import torch
 
 __all__ = [
     "DATASETS",
     "DataError",
     "Dataset",
+    "TokenDataset",
     "cache_dir",
+    "cached_tokens",
+    "encode_to_file",
     "load_text",
+    "load_tokens",
     "path",
     "sha256_file",
+    "token_dtype",
     "train_val_split",
 ]
 
@@ -326,3 +335,164 @@ def _extract_member(archive: Path, member: str, where: Path) -> Path:
     finally:
         archive.unlink(missing_ok=True)
     return Path(out_name)
+
+
+# --------------------------------------------------------------------------- token datasets
+#
+# A language model trains on one long stream of token ids. We encode the text once
+# into a ``.npy`` file (uint16 when the vocabulary fits, else uint32) and memory-map it,
+# so a corpus larger than RAM costs nothing to open and every run after the first
+# skips tokenization. A batch is B random windows of T + 1 consecutive tokens:
+# inputs are the first T, targets the last T (the same window shifted by one).
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds ids below ``vocab_size``: uint16 or uint32."""
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    if vocab_size <= 1 << 16:
+        return np.dtype(np.uint16)
+    if vocab_size <= 1 << 32:
+        return np.dtype(np.uint32)
+    raise ValueError(f"vocab_size {vocab_size} does not fit in 32 bits")
+
+
+def encode_to_file(
+    text: str,
+    encode: Callable[[str], Sequence[int]],
+    file: str | os.PathLike[str],
+    *,
+    vocab_size: int,
+    chunk_chars: int = 1 << 20,
+    progress: bool = True,
+) -> Path:
+    """Encode ``text`` with ``encode`` into a ``.npy`` file of token ids, atomically.
+
+    The text is encoded in chunks of about ``chunk_chars`` characters, cut after a
+    newline so that no word is split (a BPE tokenizer would merge differently
+    across a cut), with a progress bar. Returns the path.
+    """
+    file = Path(file)
+    dtype = token_dtype(vocab_size)
+    pieces: list[np.ndarray] = []
+    from tqdm.auto import tqdm
+
+    with tqdm(
+        total=len(text), unit="char", unit_scale=True, desc="tokenizing", disable=not progress
+    ) as bar:
+        start = 0
+        while start < len(text):
+            end = min(len(text), start + chunk_chars)
+            if end < len(text):
+                cut = text.rfind("\n", start, end)
+                end = cut + 1 if cut > start else end
+            ids = np.asarray(encode(text[start:end]), dtype=np.int64)
+            if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+                raise ValueError(
+                    f"the tokenizer produced ids outside [0, {vocab_size}): "
+                    f"[{ids.min()}, {ids.max()}]; pass the tokenizer's vocab_size"
+                )
+            pieces.append(ids.astype(dtype))
+            bar.update(end - start)
+            start = end
+    ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".tmp", dir=file.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, ids, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, file)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return file
+
+
+def load_tokens(file: str | os.PathLike[str]) -> np.ndarray:
+    """Memory-map a token file written by ``encode_to_file`` (read-only, 1-D)."""
+    file = Path(file)
+    if not file.is_file():
+        raise DataError(f"token file not found: {file}")
+    try:
+        ids = np.load(file, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise DataError(f"{file} is not a valid token file (truncated or corrupt?): {e}") from e
+    if ids.ndim != 1 or ids.dtype not in (np.uint16, np.uint32):
+        raise DataError(
+            f"{file} should hold a 1-D uint16/uint32 array, got {ids.dtype} {ids.shape}"
+        )
+    return ids
+
+
+def cached_tokens(
+    text: str,
+    encode: Callable[[str], Sequence[int]],
+    *,
+    vocab_size: int,
+    key: str,
+    directory: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """Token ids of ``text``, encoded once and cached as ``<directory>/tokens/<key>-<hash>.npy``.
+
+    ``key`` names the tokenizer (e.g. ``"char"`` or ``"gpt2"``); the file name also
+    holds a hash of the text and the key, so a changed text or tokenizer gets a new
+    file instead of stale ids.
+    """
+    digest = hashlib.sha256(f"{key}\0{vocab_size}\0".encode() + text.encode()).hexdigest()[:16]
+    file = Path(directory or cache_dir()) / "tokens" / f"{key}-{digest}.npy"
+    if not file.is_file():
+        encode_to_file(text, encode, file, vocab_size=vocab_size, progress=progress)
+    return load_tokens(file)
+
+
+class TokenDataset:
+    """A 1-D stream of token ids and random windows drawn from it.
+
+    Args:
+        tokens: 1-D token ids (a numpy array or memmap, a list, or a tensor).
+        block_size: the window length T the model sees.
+
+    ``batch(batch_size, generator)`` returns inputs and targets of shape (B, T).
+    Batches depend only on the generator, so seeding it makes a run reproducible.
+    """
+
+    def __init__(self, tokens: np.ndarray | Sequence[int] | torch.Tensor, block_size: int) -> None:
+        if isinstance(tokens, torch.Tensor):
+            tokens = tokens.detach().cpu().numpy()
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 1:
+            raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
+        if not np.issubdtype(tokens.dtype, np.integer):
+            raise TypeError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        if len(tokens) < block_size + 1:
+            raise ValueError(
+                f"need at least block_size + 1 = {block_size + 1} tokens for one window, got "
+                f"{len(tokens)}; use a smaller block_size or more text"
+            )
+        self.tokens = tokens
+        self.block_size = block_size
+
+    def __len__(self) -> int:
+        """Number of distinct windows (start positions)."""
+        return len(self.tokens) - self.block_size
+
+    def offsets(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """(B,) random window starts drawn from ``generator``."""
+        return torch.randint(len(self), (batch_size,), generator=generator)
+
+    def windows(self, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets (B, T) int64 for the windows starting at ``offsets`` (B,)."""
+        T = self.block_size
+        rows = np.stack([np.asarray(self.tokens[i : i + T + 1]) for i in offsets.tolist()])
+        rows = torch.from_numpy(rows.astype(np.int64))  # (B, T + 1)
+        return rows[:, :-1], rows[:, 1:]
+
+    def batch(
+        self, batch_size: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random batch: inputs x (B, T) and targets y (B, T), with y[:, t] = x[:, t + 1]."""
+        return self.windows(self.offsets(batch_size, generator))
