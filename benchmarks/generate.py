@@ -1,7 +1,8 @@
 """Generation benchmark: minigpt.generate against Hugging Face `transformers` generate.
 
     python benchmarks/generate.py            # GPT-2 124M, 128 new tokens (a few minutes on 2 cores)
-    python benchmarks/generate.py --quick    # a 2-layer GPT-2-shaped model, 32 tokens (seconds)
+    python benchmarks/generate.py --quick    # a 2-layer, 128-wide GPT-2-shaped model, 32 tokens
+    python benchmarks/generate.py --threads 1  # one intra-op thread for both (less noise on a busy machine)
 
 Both models are the GPT-2 124M configuration with the same random weights (the
 Hugging Face model's weights are copied into minigpt's GPT), batch 1, a 16-token
@@ -30,13 +31,18 @@ from minigpt import GPT, GPTConfig
 from minigpt.generate import generate
 
 
-def hf_gpt2(n_layer: int, seed: int = 0):
+def hf_gpt2(n_layer: int, n_embd: int, n_head: int, seed: int = 0):
     """A random-weight GPT-2 from `transformers` with its fastest CPU attention."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     config = GPT2Config(
-        n_layer=n_layer, bos_token_id=50256, eos_token_id=50256, attn_implementation="sdpa"
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        bos_token_id=50256,
+        eos_token_id=50256,
+        attn_implementation="sdpa",
     )
     model = GPT2LMHeadModel(config).eval()
     assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
@@ -49,7 +55,12 @@ def to_minigpt(hf) -> GPT:
     c = hf.config
     model = GPT(
         GPTConfig.preset(
-            "gpt2", n_layer=c.n_layer, vocab_size=c.vocab_size, block_size=c.n_positions
+            "gpt2",
+            n_layer=c.n_layer,
+            n_embd=c.n_embd,
+            n_head=c.n_head,
+            vocab_size=c.vocab_size,
+            block_size=c.n_positions,
         )
     )
     state = {}
@@ -86,16 +97,16 @@ def main() -> int:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    n_layer = 2 if args.quick else 12
+    n_layer, n_embd, n_head = (2, 128, 4) if args.quick else (12, 768, 12)
     new_tokens = args.new_tokens or (32 if args.quick else 128)
     repeats = args.repeats or 3
     warnings.filterwarnings("ignore")  # transformers' generation-config chatter
 
-    hf = hf_gpt2(n_layer)
+    hf = hf_gpt2(n_layer, n_embd, n_head)
     mini = to_minigpt(hf)
     prompt = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(0))
     print(
-        f"GPT-2 configuration, {n_layer} layers, {mini.num_parameters() / 1e6:.0f}M parameters, "
+        f"GPT-2 configuration, {n_layer} layers, width {n_embd}, {mini.num_parameters() / 1e6:.0f}M parameters, "
         f"random weights; batch 1, 16-token prompt, {new_tokens} new tokens, greedy, "
         f"CPU with {torch.get_num_threads()} threads"
     )
