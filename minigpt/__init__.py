@@ -16,6 +16,7 @@ from minigpt.embeddings import (
     SinusoidalPositionalEncoding,
 )
 from minigpt.finetune import GPTClassifier, InstructionCollator
+from minigpt.generate import generate, generate_text, sample_next_token, stream
 from minigpt.lora import LoRALinear, apply_lora, merge_lora
 from minigpt.model import GPT, GPTConfig
 from minigpt.tokenizer import GPT2_PATTERN, BPETokenizer, CharTokenizer
@@ -46,8 +47,12 @@ __all__ = [
     "TrainingDivergedError",
     "__version__",
     "apply_lora",
+    "generate",
+    "generate_text",
     "load_text",
     "merge_lora",
+    "sample_next_token",
     "scaled_dot_product_attention",
+    "stream",
     "train_val_split",
 ]
