@@ -15,7 +15,9 @@ from minigpt.embeddings import (
     RotaryEmbedding,
     SinusoidalPositionalEncoding,
 )
+from minigpt.finetune import GPTClassifier, InstructionCollator
 from minigpt.generate import generate, generate_text, sample_next_token, stream
+from minigpt.lora import LoRALinear, apply_lora, merge_lora
 from minigpt.model import GPT, GPTConfig
 from minigpt.tokenizer import GPT2_PATTERN, BPETokenizer, CharTokenizer
 from minigpt.train import LossHistory, TrainConfig, Trainer, TrainingDivergedError
@@ -30,9 +32,12 @@ __all__ = [
     "CharTokenizer",
     "CheckpointError",
     "DataError",
+    "GPTClassifier",
     "GPTConfig",
+    "InstructionCollator",
     "KVCache",
     "LearnedPositionalEmbedding",
+    "LoRALinear",
     "LossHistory",
     "RotaryEmbedding",
     "SinusoidalPositionalEncoding",
@@ -41,9 +46,11 @@ __all__ = [
     "Trainer",
     "TrainingDivergedError",
     "__version__",
+    "apply_lora",
     "generate",
     "generate_text",
     "load_text",
+    "merge_lora",
     "sample_next_token",
     "scaled_dot_product_attention",
     "stream",

@@ -1,0 +1,164 @@
+"""Fine-tuning benchmark: SMS spam, SST-2 and LoRA from a Tiny Shakespeare model.
+
+Starts from the character-level model pretrained only on Tiny Shakespeare
+(chapter 05) and reports, all on the CPU:
+
+- SMS spam (balanced split) test accuracy after fine-tuning every layer within a
+  time budget (default 180 s; goal: at least 95%), plus the cheaper choices
+  (head only, last blocks) under the same budget;
+- SST-2 dev accuracy of the fine-tuned model next to a bag-of-words logistic
+  regression trained in the same run on the same sentences;
+- LoRA on SMS spam under the same budget: accuracy next to full fine-tuning
+  (goal: within 1 point) and the fraction of trainable parameters (goal: < 5%).
+
+    python benchmarks/finetune.py              # the full run (about 15 minutes)
+    python benchmarks/finetune.py --quick      # a smoke run (about 2 minutes)
+    python benchmarks/finetune.py --checkpoint DIR   # a model saved by GPT.save
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import torch
+
+from minigpt import GPT
+from minigpt.finetune import (
+    BagOfWords,
+    FinetuneConfig,
+    GPTClassifier,
+    balanced_split,
+    evaluate_classifier,
+    load_sms_spam,
+    load_sst2,
+    resize_token_embeddings,
+    train_classifier,
+)
+from minigpt.lora import apply_lora, count_parameters
+from minigpt.tokenizer import CharTokenizer
+
+
+def load_pretrained(checkpoint: str | None) -> tuple[GPT, list[str]]:
+    """The Tiny Shakespeare character model and its vocabulary (one string per id)."""
+    if checkpoint is not None:
+        model = GPT.load(checkpoint)
+        tokenizer = CharTokenizer.load(Path(checkpoint) / "tokenizer.json")
+    else:
+        from minigpt.train import shakespeare_char_model  # chapter 05's cached model
+
+        model, tokenizer = shakespeare_char_model()
+    return model, [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="short budgets, a smoke run")
+    ap.add_argument("--budget", type=float, default=None, help="seconds of training per run")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument(
+        "--checkpoint", default=None, help="a GPT.save folder with a CharTokenizer tokenizer.json"
+    )
+    ap.add_argument("--max-length", type=int, default=128, help="characters per message")
+    ap.add_argument("--rank", type=int, default=4, help="LoRA rank")
+    ap.add_argument("--lora-lr", type=float, default=1e-2, help="LoRA learning rate")
+    ap.add_argument(
+        "--tasks",
+        default="spam,layers,lora,sst",
+        help="comma-separated subset of spam,layers,lora,sst (lora also runs spam)",
+    )
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    budget = args.budget or (20.0 if args.quick else 180.0)
+    max_steps = 10_000  # the time budget is what stops training
+
+    base, vocab = load_pretrained(args.checkpoint)
+    spam = load_sms_spam()
+    sst_train, sst_dev = load_sst2("train"), load_sst2("dev")
+    if args.quick:
+        sst_train = sst_train[:5000]
+    texts = [t for t, _ in spam + sst_train + sst_dev]
+    vocab = vocab + sorted(set("".join(texts)) - set(vocab))
+    stoi = {c: i for i, c in enumerate(vocab)}
+    resize_token_embeddings(base, len(vocab))
+
+    def encode(text: str) -> list[int]:
+        return [stoi[c] for c in text]
+
+    max_len = min(args.max_length, base.config.block_size)
+    print(
+        f"model: {base.num_parameters():,} parameters, {base.config.n_layer} layers, "
+        f"block_size {base.config.block_size}; messages cut to {max_len} characters; "
+        f"{budget:.0f} s of training per run on {torch.get_num_threads()} CPU thread(s)"
+    )
+    train, val, test = balanced_split(spam, (0.7, 0.1, 0.2), seed=0)
+
+    def run(data, eval_data, *, blocks=None, lora_rank=None, lr=2e-3):
+        torch.manual_seed(0)
+        clf = GPTClassifier(copy.deepcopy(base), 2)
+        if lora_rank:
+            apply_lora(
+                clf, ("c_attn", "c_proj", "c_fc"), lora_rank, 2 * lora_rank, trainable=("head",)
+            )
+            trainable, total = count_parameters(clf)
+        else:
+            trainable, total = clf.train_only(blocks)
+        cfg = FinetuneConfig(
+            steps=max_steps, batch_size=16, lr=lr, max_length=max_len, time_limit=budget
+        )
+        t0 = time.perf_counter()
+        history = train_classifier(clf, data, encode, cfg)
+        seconds = time.perf_counter() - t0
+        acc, _ = evaluate_classifier(clf, eval_data, encode, max_length=max_len)
+        return acc, len(history["loss"]), seconds, trainable / total
+
+    tasks = set(args.tasks.split(","))
+    rows = []
+    full = lora = sst = None
+    bow_acc = 0.0
+    print(f"\nSMS spam: {len(train)} train / {len(val)} val / {len(test)} test (balanced)")
+    if tasks & {"spam", "lora"}:
+        full = run(train, test, blocks="all")
+        rows.append(("SMS spam test", "fine-tune all layers", *full))
+    if "layers" in tasks:
+        for blocks in (2, 0):
+            label = "head only" if blocks == 0 else f"last {blocks} blocks + head"
+            rows.append(("SMS spam test", label, *run(train, test, blocks=blocks)))
+    if "lora" in tasks:
+        lora = run(train, test, lora_rank=args.rank, lr=args.lora_lr)
+        rows.append(("SMS spam test", f"LoRA rank {args.rank} + head", *lora))
+    if "sst" in tasks:
+        print(f"SST-2: {len(sst_train):,} train / {len(sst_dev)} dev")
+        sst = run(sst_train, sst_dev, blocks="all")
+        rows.append(("SST-2 dev", "fine-tune all layers", *sst))
+        t0 = time.perf_counter()
+        bow = BagOfWords.fit(sst_train)
+        bow_seconds = time.perf_counter() - t0
+        labels = torch.tensor([y for _, y in sst_dev])
+        bow_acc = (bow.predict([t for t, _ in sst_dev]) == labels).float().mean().item()
+        rows.append(("SST-2 dev", "bag-of-words logistic regression", bow_acc, 3, bow_seconds, 1.0))
+
+    print(
+        f"\n{'task':<14} {'method':<34} {'accuracy':>8} {'steps':>6} {'seconds':>8} {'trainable':>9}"
+    )
+    for task, method, acc, steps, seconds, frac in rows:
+        steps_text = f"{steps} ep" if method.startswith("bag") else str(steps)
+        print(f"{task:<14} {method:<34} {acc:>8.1%} {steps_text:>6} {seconds:>8.0f} {frac:>9.1%}")
+    print()
+    if full is not None:
+        print(f"SMS spam, all layers in {full[2]:.0f} s: {full[0]:.1%} (goal >= 95%)")
+    if sst is not None:
+        print(f"SST-2: fine-tuned {sst[0]:.1%} vs bag of words {bow_acc:.1%}")
+    if lora is not None and full is not None:
+        print(
+            f"LoRA: {lora[0]:.1%} vs full fine-tuning {full[0]:.1%} "
+            f"(difference {100 * (lora[0] - full[0]):+.1f} points, goal within 1) "
+            f"with {lora[3]:.1%} of the parameters trainable (goal < 5%)"
+        )
+
+
+if __name__ == "__main__":
+    main()

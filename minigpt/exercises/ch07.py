@@ -1,0 +1,229 @@
+"""Chapter 07 exercises: fine-tuning (classification head, loss masking, LoRA)."""
+
+from __future__ import annotations
+
+import torch
+
+from minigpt.exercises.core import Incorrect, Question, call, close
+
+__all__ = ["q1", "q2", "q3", "q4", "q5"]
+
+
+class LastTokenStates(Question):
+    name = "q1"
+    _hint = (
+        "Row b's last real token sits at position lengths[b] - 1. Index the batch and "
+        "time dimensions together: hidden[torch.arange(B), lengths - 1]."
+    )
+    _solution = """
+def last_token_states(hidden, lengths):
+    B = hidden.shape[0]
+    return hidden[torch.arange(B), lengths - 1]  # (B, C)
+"""
+
+    def _check(self, fn):
+        g = torch.Generator().manual_seed(0)
+        hidden = torch.randn(4, 6, 3, generator=g)
+        lengths = torch.tensor([6, 2, 1, 4])
+        got = call(fn, hidden.clone(), lengths.clone())
+        if not isinstance(got, torch.Tensor):
+            raise Incorrect(f"expected a tensor, got {type(got).__name__}")
+        if tuple(got.shape) != (4, 3):
+            raise Incorrect(f"expected shape (B, C) = (4, 3), got {tuple(got.shape)}")
+        expected = hidden[torch.arange(4), lengths - 1]
+        for b in range(4):
+            if torch.allclose(got[b], expected[b]):
+                continue
+            if lengths[b] < 6 and torch.allclose(got[b], hidden[b, -1]):
+                raise Incorrect(
+                    f"row {b} has {int(lengths[b])} real tokens but you read position -1, "
+                    "a padding position"
+                )
+            raise Incorrect(f"row {b} should be hidden[{b}, {int(lengths[b]) - 1}]")
+
+    def reference(self):
+        return lambda hidden, lengths: hidden[torch.arange(hidden.shape[0]), lengths - 1]
+
+    def wrong_answers(self):
+        return [
+            lambda hidden, lengths: hidden[:, -1],  # ignores padding
+            lambda hidden, lengths: hidden[
+                torch.arange(hidden.shape[0]), lengths.clamp(max=hidden.shape[1] - 1)
+            ],  # off by one
+            lambda hidden, lengths: hidden.mean(dim=1),  # mean pooling over padding too
+        ]
+
+
+class MaskedTargets(Question):
+    name = "q2"
+    _hint = (
+        "inputs = seq[:-1], targets = seq[1:]. Target j predicts token j + 1, which is "
+        "part of the prompt while j + 1 < n_prompt, so the first n_prompt - 1 targets "
+        "become -100. Pad inputs with pad_id and targets with -100 up to length T."
+    )
+    _solution = """
+def make_example(seq, n_prompt, T, pad_id=0):
+    inputs, targets = list(seq[:-1]), list(seq[1:])
+    targets[: n_prompt - 1] = [-100] * (n_prompt - 1)
+    pad = T - len(inputs)
+    return inputs + [pad_id] * pad, targets + [-100] * pad
+"""
+
+    @staticmethod
+    def _reference(seq, n_prompt, T, pad_id=0):
+        inputs, targets = list(seq[:-1]), list(seq[1:])
+        targets[: n_prompt - 1] = [-100] * (n_prompt - 1)
+        pad = T - len(inputs)
+        return inputs + [pad_id] * pad, targets + [-100] * pad
+
+    def _check(self, fn):
+        cases = [([5, 6, 7, 8, 9], 3, 6, 0), ([1, 2, 3], 1, 2, 4), ([3, 4, 5, 6], 2, 5, 9)]
+        for seq, n_prompt, T, pad_id in cases:
+            got = call(fn, list(seq), n_prompt, T, pad_id)
+            if not isinstance(got, (tuple, list)) or len(got) != 2:
+                raise Incorrect("return a pair (inputs, targets)")
+            inputs, targets = (list(torch.as_tensor(x).tolist()) for x in got)
+            want_in, want_tg = self._reference(seq, n_prompt, T, pad_id)
+            what = f"make_example({seq}, n_prompt={n_prompt}, T={T}, pad_id={pad_id})"
+            if inputs != want_in:
+                raise Incorrect(f"{what}: inputs should be {want_in}, got {inputs}")
+            if targets != want_tg:
+                raise Incorrect(f"{what}: targets should be {want_tg}, got {targets}")
+
+    def reference(self):
+        return self._reference
+
+    def wrong_answers(self):
+        def no_prompt_mask(seq, n_prompt, T, pad_id=0):
+            inputs, targets = list(seq[:-1]), list(seq[1:])
+            pad = T - len(inputs)
+            return inputs + [pad_id] * pad, targets + [-100] * pad
+
+        def off_by_one(seq, n_prompt, T, pad_id=0):
+            inputs, targets = list(seq[:-1]), list(seq[1:])
+            targets[:n_prompt] = [-100] * n_prompt  # also hides the first response token
+            pad = T - len(inputs)
+            return inputs + [pad_id] * pad, targets + [-100] * pad
+
+        def pads_targets(seq, n_prompt, T, pad_id=0):
+            inputs, targets = list(seq[:-1]), list(seq[1:])
+            targets[: n_prompt - 1] = [-100] * (n_prompt - 1)
+            pad = T - len(inputs)
+            return inputs + [pad_id] * pad, targets + [pad_id] * pad  # trains on padding
+
+        return [no_prompt_mask, off_by_one, pads_targets]
+
+
+class LoRAForward(Question):
+    name = "q3"
+    _hint = (
+        "The frozen path is x @ W.T + bias. The adapter path is x @ A.T @ B.T, scaled "
+        "by alpha / r where r = A.shape[0]."
+    )
+    _solution = """
+def lora_forward(x, W, bias, A, B, alpha):
+    r = A.shape[0]
+    return x @ W.T + bias + (alpha / r) * (x @ A.T @ B.T)
+"""
+
+    @staticmethod
+    def _reference(x, W, bias, A, B, alpha):
+        return x @ W.T + bias + (alpha / A.shape[0]) * (x @ A.T @ B.T)
+
+    def _check(self, fn):
+        g = torch.Generator().manual_seed(1)
+        for n_in, n_out, r, alpha in ((5, 3, 2, 4.0), (4, 6, 1, 1.0)):
+            x = torch.randn(2, 3, n_in, generator=g)
+            W, bias = torch.randn(n_out, n_in, generator=g), torch.randn(n_out, generator=g)
+            A, B = torch.randn(r, n_in, generator=g), torch.randn(n_out, r, generator=g)
+            got = call(fn, x, W, bias, A, B, alpha)
+            close(got, self._reference(x, W, bias, A, B, alpha), what=f"output (rank {r})")
+            zero = call(fn, x, W, bias, A, torch.zeros_like(B), alpha)
+            close(zero, x @ W.T + bias, what="output with B = 0 (must equal the frozen layer)")
+
+    def reference(self):
+        return self._reference
+
+    def wrong_answers(self):
+        return [
+            lambda x, W, bias, A, B, alpha: x @ W.T + bias + x @ A.T @ B.T,  # no scaling
+            lambda x, W, bias, A, B, alpha: x @ W.T + bias + alpha * A.shape[0] * (x @ A.T @ B.T),
+            lambda x, W, bias, A, B, alpha: x @ W.T + (alpha / A.shape[0]) * (x @ A.T @ B.T),
+        ]
+
+
+class MergeLoRA(Question):
+    name = "q4"
+    _hint = (
+        "x A^T B^T = x (B A)^T, so the adapter is the matrix (alpha / r) B @ A of "
+        "shape (out, in): add it to W."
+    )
+    _solution = """
+def merge(W, A, B, alpha):
+    r = A.shape[0]
+    return W + (alpha / r) * (B @ A)
+"""
+
+    def _check(self, fn):
+        g = torch.Generator().manual_seed(2)
+        for n_in, n_out, r, alpha in ((6, 4, 2, 8.0), (5, 5, 3, 3.0)):
+            W = torch.randn(n_out, n_in, generator=g)
+            A, B = torch.randn(r, n_in, generator=g), torch.randn(n_out, r, generator=g)
+            got = call(fn, W.clone(), A, B, alpha)
+            close(got, W + (alpha / r) * (B @ A), what=f"merged weight ({n_out}x{n_in}, rank {r})")
+            x = torch.randn(3, n_in, generator=g)
+            close(
+                x @ got.T,
+                x @ W.T + (alpha / r) * (x @ A.T @ B.T),
+                what="x @ merged.T (must equal the unmerged layer)",
+            )
+
+    def reference(self):
+        return lambda W, A, B, alpha: W + (alpha / A.shape[0]) * (B @ A)
+
+    def wrong_answers(self):
+        return [
+            lambda W, A, B, alpha: W + B @ A,  # forgets the scale
+            lambda W, A, B, alpha: W + (alpha / A.shape[0]) * (B @ A).T.reshape(W.shape),
+            lambda W, A, B, alpha: (alpha / A.shape[0]) * (B @ A),  # drops the pretrained W
+        ]
+
+
+class LoRACount(Question):
+    name = "q5"
+    _hint = "A is (r, in) and B is (out, r): r * (in + out) numbers per adapted layer."
+    _solution = """
+def lora_parameters(layers, rank):
+    return sum(rank * (n_in + n_out) for n_in, n_out in layers)
+"""
+
+    def _check(self, fn):
+        cases = [([(64, 192), (64, 64)], 4), ([(128, 512), (512, 128)], 8), ([(10, 10)], 1)]
+        for layers, rank in cases:
+            got = call(fn, list(layers), rank)
+            want = sum(rank * (a + b) for a, b in layers)
+            if not isinstance(got, int) and not (
+                isinstance(got, torch.Tensor) and got.numel() == 1
+            ):
+                raise Incorrect(f"expected an integer, got {type(got).__name__}")
+            if int(got) != want:
+                raise Incorrect(
+                    f"lora_parameters({layers}, rank={rank}) should be {want}, got {int(got)}"
+                )
+
+    def reference(self):
+        return lambda layers, rank: sum(rank * (a + b) for a, b in layers)
+
+    def wrong_answers(self):
+        return [
+            lambda layers, rank: sum(a * b for a, b in layers),  # the frozen weights
+            lambda layers, rank: sum(rank * a * b for a, b in layers),
+            lambda layers, rank: sum(rank * (a + b) for a, b in layers[:1]),  # first layer only
+        ]
+
+
+q1 = LastTokenStates()
+q2 = MaskedTargets()
+q3 = LoRAForward()
+q4 = MergeLoRA()
+q5 = LoRACount()
