@@ -3,6 +3,12 @@
 Tests never use the network: datasets come from MINIGPT_DATA_DIR (CI points it at
 ../shared/data). When it is unset and ../shared/data exists beside the checkout, it
 is used; the variable is inherited by the notebook kernels nbval starts.
+
+Each test process (and each notebook kernel it starts) uses one CPU thread:
+`make test` runs two worker processes on a 2-core machine, and two
+multi-threaded PyTorch processes fighting over two cores run many times slower
+than two single-threaded ones. Notebooks are stored by tools/execute_notebooks.py
+with the same setting, so their numbers are computed the same way.
 """
 
 from __future__ import annotations
@@ -11,6 +17,9 @@ import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent
+
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
 _shared = REPO.parent / "shared" / "data"
 if "MINIGPT_DATA_DIR" not in os.environ and _shared.is_dir():

@@ -51,6 +51,11 @@ def scaled_dot_product_attention(
     Returns:
         (..., Tq, dv).
     """
+    if q.dim() < 2 or k.dim() < 2 or v.dim() < 2:
+        raise ValueError(
+            "q, k and v need shape (..., T, d), got "
+            f"{tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k need the same last dim, got {q.shape[-1]} and {k.shape[-1]}")
     if k.shape[-2] != v.shape[-2]:
@@ -59,6 +64,13 @@ def scaled_dot_product_attention(
     if mask is not None:
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor (True = attend), got {mask.dtype}")
+        try:
+            torch.broadcast_shapes(mask.shape, scores.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"mask of shape {tuple(mask.shape)} does not broadcast to the scores' shape "
+                f"{tuple(scores.shape)} (..., Tq, Tk)"
+            ) from None
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scores, dim=-1)  # (..., Tq, Tk), rows sum to 1
     return weights @ v  # (..., Tq, dv)
@@ -95,9 +107,17 @@ class KVCache:
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store (B, n_kv_head, T, hs) keys/values; return all so far, (B, n_kv_head, length, hs)."""
+        B, Hkv, _, hs = self.k.shape
+        if (
+            k.dim() != 4
+            or k.shape != v.shape
+            or (k.shape[0], k.shape[1], k.shape[3]) != (B, Hkv, hs)
+        ):
+            raise ValueError(
+                f"cache holds keys/values of shape ({B}, {Hkv}, T, {hs}) "
+                f"(batch, kv heads, time, head size), got {tuple(k.shape)} and {tuple(v.shape)}"
+            )
         T = k.shape[-2]
-        if k.shape[0] != self.k.shape[0]:
-            raise ValueError(f"cache was built for batch size {self.k.shape[0]}, got {k.shape[0]}")
         if self.length + T > self.max_len:
             raise ValueError(
                 f"KV cache is full: {self.length} + {T} positions exceed its max_len {self.max_len}; "
@@ -138,6 +158,10 @@ class CausalSelfAttention(nn.Module):
     ) -> None:
         super().__init__()
         n_kv_head = n_head if n_kv_head is None else n_kv_head
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if n_head < 1 or n_kv_head < 1:
             raise ValueError(f"n_head and n_kv_head must be >= 1, got {n_head} and {n_kv_head}")
         if n_embd % n_head:
@@ -157,10 +181,31 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
 
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty ``KVCache`` for this layer, on its weights' device and dtype.
+
+        ``max_len`` defaults to (and may not exceed) ``block_size``.
+        """
+        max_len = self.block_size if max_len is None else min(max_len, self.block_size)
+        w = self.c_attn.weight
+        return KVCache(
+            batch_size, self.n_kv_head, self.head_dim, max_len, device=w.device, dtype=w.dtype
+        )
+
     def forward(self, x: Tensor, kv_cache: KVCache | None = None) -> Tensor:
-        """(B, T, C) -> (B, T, C). With a cache, ``x`` holds only the new tokens."""
+        """(B, T, C) -> (B, T, C).
+
+        Without a cache every position attends to itself and the ones before it.
+        With a ``kv_cache`` (see ``new_kv_cache``), ``x`` holds only the new tokens:
+        their keys/values are appended to the cache and they attend to everything
+        cached plus themselves, so feeding a sequence in pieces gives the same
+        outputs as feeding it whole.
+        """
         if x.dim() != 3 or x.shape[-1] != self.n_embd:
-            raise ValueError(f"expected input of shape (B, T, {self.n_embd}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"expected input of shape (B, T, {self.n_embd}), got {tuple(x.shape)}; "
+                "use x[None] for a single sequence"
+            )
         B, T, C = x.shape
         offset = 0 if kv_cache is None else kv_cache.length
         if offset + T > self.block_size:

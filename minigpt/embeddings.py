@@ -29,6 +29,12 @@ __all__ = [
 ]
 
 
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 def _check_span(seq_len: int, offset: int, max_len: int) -> None:
     if seq_len < 1 or offset < 0:
         raise ValueError(
@@ -51,6 +57,7 @@ class LearnedPositionalEmbedding(nn.Module):
 
     def __init__(self, max_len: int, n_embd: int) -> None:
         super().__init__()
+        _check_positive(max_len=max_len, n_embd=n_embd)
         self.max_len = max_len
         self.weight = nn.Parameter(torch.empty(max_len, n_embd))
         nn.init.normal_(self.weight, std=0.02)
@@ -66,6 +73,7 @@ def sinusoidal_table(max_len: int, dim: int, base: float = 10000.0) -> Tensor:
 
     ``table[p, 2i] = sin(p / base**(2i/dim))`` and ``table[p, 2i+1] = cos(...)``.
     """
+    _check_positive(max_len=max_len, dim=dim)
     if dim % 2:
         raise ValueError(f"sinusoidal encodings need an even dimension, got {dim}")
     pos = torch.arange(max_len, dtype=torch.float64)[:, None]  # (T, 1)
@@ -90,6 +98,7 @@ class SinusoidalPositionalEncoding(nn.Module):
 
     def __init__(self, max_len: int, n_embd: int, base: float = 10000.0) -> None:
         super().__init__()
+        _check_positive(max_len=max_len, n_embd=n_embd)
         self.max_len = max_len
         self.register_buffer("table", sinusoidal_table(max_len, n_embd, base), persistent=False)
 
@@ -131,6 +140,7 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, max_len: int, base: float = 10000.0) -> None:
         super().__init__()
+        _check_positive(head_dim=head_dim, max_len=max_len)
         if head_dim % 2:
             raise ValueError(f"rotary embeddings need an even head size, got {head_dim}")
         self.head_dim, self.max_len = head_dim, max_len
@@ -141,8 +151,10 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
         """Rotate queries or keys ``x`` of shape (..., T, hs) at positions offset..offset+T-1."""
-        if x.shape[-1] != self.head_dim:
-            raise ValueError(f"expected head size {self.head_dim}, got {x.shape[-1]}")
+        if x.dim() < 2 or x.shape[-1] != self.head_dim:
+            raise ValueError(
+                f"expected queries or keys of shape (..., T, {self.head_dim}), got {tuple(x.shape)}"
+            )
         T = x.shape[-2]
         _check_span(T, offset, self.max_len)
         return apply_rotary(x, self.cos[offset : offset + T], self.sin[offset : offset + T])

@@ -28,6 +28,9 @@ def execute(path: Path, timeout: int = 1200) -> float:
         subprocess.run([str(ruff), "format", "--quiet", str(path)], check=True)
     nb = nbformat.read(path, as_version=4)
     os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    # the same thread setting as the tests (see conftest.py)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
     client = NotebookClient(
         nb,
         timeout=timeout,

@@ -1,0 +1,297 @@
+"""Checks for exercises/02_embeddings.ipynb: lookups, word vectors, positions."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from minigpt.exercises.core import Incorrect, Question, call, close
+
+__all__ = ["q1", "q2", "q3", "q4", "q5"]
+
+
+def _one_hot_lookup(ids, W):
+    return F.one_hot(ids, W.shape[0]).to(W.dtype) @ W
+
+
+class OneHotLookup(Question):
+    name = "q1"
+    _hint = (
+        "F.one_hot(ids, num_classes) gives (..., V) integers; convert them to W's dtype "
+        "with .to(W.dtype) and multiply by W (V, C) on the right."
+    )
+    _solution = """
+def one_hot_lookup(ids, W):
+    V = W.shape[0]
+    return F.one_hot(ids, V).to(W.dtype) @ W   # (..., V) @ (V, C) -> (..., C)
+"""
+
+    def _check(self, fn):
+        gen = torch.Generator().manual_seed(2)
+        W = torch.randn(7, 3, generator=gen)
+        for ids in (torch.tensor([0, 3, 6]), torch.tensor([[1, 1], [5, 2]]), torch.tensor(4)):
+            got = call(fn, ids, W)
+            if not isinstance(got, torch.Tensor):
+                raise Incorrect(f"expected a tensor, got {type(got).__name__}")
+            close(got, W[ids], what=f"one_hot_lookup for ids of shape {tuple(ids.shape)}")
+
+    def reference(self):
+        return _one_hot_lookup
+
+    def wrong_answers(self):
+        return [
+            # the one-hot vector picks a column of the transposed matrix: fine only for square W
+            lambda ids, W: F.one_hot(ids, W.shape[1]).to(W.dtype) @ W.T,
+            # off by one: ids treated as 1-based
+            lambda ids, W: F.one_hot((ids + 1) % W.shape[0], W.shape[0]).to(W.dtype) @ W,
+            # sums the rows instead of picking one per id
+            lambda ids, W: (F.one_hot(ids, W.shape[0]).to(W.dtype) @ W).sum(0),
+        ]
+
+
+def _sinusoidal(max_len, dim):
+    pos = torch.arange(max_len, dtype=torch.float64)[:, None]
+    inv_freq = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    table = torch.zeros(max_len, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * inv_freq)
+    table[:, 1::2] = torch.cos(pos * inv_freq)
+    return table
+
+
+class Sinusoidal(Question):
+    name = "q2"
+    _hint = (
+        "Build positions p as a (max_len, 1) column and frequencies 10000**(-2i/dim) for "
+        "i = 0..dim/2-1 as a row (torch.arange(0, dim, 2) gives 2i). Their product is the "
+        "(max_len, dim/2) angle table: sin goes in the even channels table[:, 0::2], cos in "
+        "the odd ones table[:, 1::2]."
+    )
+    _solution = """
+def sinusoidal_table(max_len, dim):
+    pos = torch.arange(max_len, dtype=torch.float32)[:, None]                   # (T, 1)
+    inv_freq = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # (dim/2,)
+    angles = pos * inv_freq                                                     # (T, dim/2)
+    table = torch.zeros(max_len, dim)
+    table[:, 0::2] = torch.sin(angles)
+    table[:, 1::2] = torch.cos(angles)
+    return table
+"""
+
+    def _check(self, fn):
+        for max_len, dim in ((4, 2), (10, 8), (50, 16)):
+            got = call(fn, max_len, dim)
+            if not isinstance(got, torch.Tensor):
+                raise Incorrect(f"expected a tensor, got {type(got).__name__}")
+            close(got, _sinusoidal(max_len, dim), what=f"sinusoidal_table({max_len}, {dim})")
+
+    def reference(self):
+        return lambda max_len, dim: _sinusoidal(max_len, dim).float()
+
+    def wrong_answers(self):
+        def swapped(max_len, dim):  # cos in the even channels, sin in the odd ones
+            t = _sinusoidal(max_len, dim)
+            return torch.stack([t[:, 1::2], t[:, 0::2]], dim=-1).reshape(max_len, dim)
+
+        def exponent_i_over_dim(max_len, dim):  # 10000**(i/dim) instead of 10000**(2i/dim)
+            pos = torch.arange(max_len, dtype=torch.float64)[:, None]
+            inv_freq = 10000.0 ** (-torch.arange(dim // 2, dtype=torch.float64) / dim)
+            t = torch.zeros(max_len, dim, dtype=torch.float64)
+            t[:, 0::2], t[:, 1::2] = torch.sin(pos * inv_freq), torch.cos(pos * inv_freq)
+            return t
+
+        def halves(max_len, dim):  # sin block then cos block: another layout, not this one
+            t = _sinusoidal(max_len, dim)
+            return torch.cat([t[:, 0::2], t[:, 1::2]], dim=1)
+
+        return [swapped, exponent_i_over_dim, halves]
+
+
+def _nearest(E, i, k):
+    En = F.normalize(E, dim=1)
+    sims = En @ En[i]
+    sims[i] = -float("inf")
+    return sims.topk(k).indices.tolist()
+
+
+class Nearest(Question):
+    name = "q3"
+    _hint = (
+        "Normalise every row with F.normalize(E, dim=1), so that dot products are cosines; "
+        "compute the similarity of row i with every row, exclude i itself (set its score to "
+        "-inf) and take .topk(k).indices."
+    )
+    _solution = """
+def nearest(E, i, k):
+    En = F.normalize(E, dim=1)        # (V, C) unit rows
+    sims = En @ En[i]                 # (V,) cosine similarity with word i
+    sims[i] = -float("inf")           # a word is not its own neighbour
+    return sims.topk(k).indices.tolist()
+"""
+
+    def _check(self, fn):
+        gen = torch.Generator().manual_seed(3)
+        E = torch.randn(30, 5, generator=gen)
+        E *= torch.rand(30, 1, generator=gen) * 10 + 0.1  # norms differ a lot
+        for i, k in ((0, 3), (7, 5), (29, 1)):
+            got = call(fn, E.clone(), i, k)
+            got = torch.as_tensor(got).flatten().tolist()
+            want = _nearest(E, i, k)
+            if i in got:
+                raise Incorrect(f"nearest(E, {i}, {k}) contains {i} itself")
+            if got != want:
+                raise Incorrect(
+                    f"nearest(E, {i}, {k}) returned {got}, expected {want} (most similar first)"
+                )
+
+    def reference(self):
+        return _nearest
+
+    def wrong_answers(self):
+        def dot_product(E, i, k):  # long vectors win: not a cosine
+            sims = E @ E[i]
+            sims[i] = -float("inf")
+            return sims.topk(k).indices.tolist()
+
+        def includes_self(E, i, k):
+            En = F.normalize(E, dim=1)
+            return (En @ En[i]).topk(k).indices.tolist()
+
+        def farthest(E, i, k):
+            En = F.normalize(E, dim=1)
+            sims = En @ En[i]
+            sims[i] = float("inf")
+            return (-sims).topk(k).indices.tolist()
+
+        return [dot_product, includes_self, farthest]
+
+
+def _rope_sign(x, base, sign):
+    T, hs = x.shape
+    half = hs // 2
+    inv_freq = base ** (-torch.arange(0, hs, 2, dtype=torch.float64) / hs)
+    angles = sign * torch.arange(T, dtype=torch.float64)[:, None] * inv_freq  # (T, hs/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[:, :half], x[:, half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=1)
+
+
+def _rope(x, base=10000.0):
+    return _rope_sign(x, base, 1)
+
+
+class Rope(Question):
+    name = "q4"
+    _hint = (
+        "angles[t, i] = t * base**(-2i/hs) for i = 0..hs/2-1 (a (T, hs/2) table). Split x into "
+        "x1 = x[:, :hs/2] and x2 = x[:, hs/2:]; the rotated pair is "
+        "(x1*cos - x2*sin, x1*sin + x2*cos); concatenate them back along the last dim."
+    )
+    _solution = """
+def rope(x, base=10000.0):
+    T, hs = x.shape
+    inv_freq = base ** (-torch.arange(0, hs, 2, dtype=torch.float32) / hs)  # (hs/2,)
+    angles = torch.arange(T, dtype=torch.float32)[:, None] * inv_freq       # (T, hs/2)
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x[:, : hs // 2], x[:, hs // 2 :]                               # (T, hs/2) each
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=1)     # (T, hs)
+"""
+
+    def _check(self, fn):
+        gen = torch.Generator().manual_seed(4)
+        for T, hs in ((1, 2), (5, 4), (12, 16)):
+            x = torch.randn(T, hs, generator=gen)
+            got = call(fn, x.clone())
+            if not isinstance(got, torch.Tensor):
+                raise Incorrect(f"expected a tensor, got {type(got).__name__}")
+            close(got, _rope(x.double()), what=f"rope of a ({T}, {hs}) input")
+
+    def reference(self):
+        return _rope
+
+    def wrong_answers(self):
+        def backwards(x, base=10000.0):  # rotates by -angle
+            return _rope_sign(x, base, -1)
+
+        def starts_at_one(x, base=10000.0):  # positions 1..T instead of 0..T-1
+            pad = torch.cat([torch.zeros(1, x.shape[1], dtype=x.dtype), x])
+            return _rope(pad, base)[1:]
+
+        def interleaved(x, base=10000.0):  # pairs (2i, 2i+1): the paper's layout, not ours
+            hs = x.shape[1]
+            perm = torch.cat([torch.arange(0, hs, 2), torch.arange(1, hs, 2)])
+            inv = torch.argsort(perm)
+            return _rope(x[:, perm], base)[:, inv]
+
+        return [backwards, starts_at_one, interleaved]
+
+
+class PositionsWithOffset(Question):
+    name = "q5"
+    _hint = (
+        "The new tokens sit at positions offset, offset+1, ..., offset+T-1: slice those rows "
+        "of the table and add them to tok_emb; (T, C) broadcasts over the batch dim of "
+        "(B, T, C). Raise a ValueError when offset + T > the table's length."
+    )
+    _solution = """
+def add_positions(tok_emb, table, offset):
+    T = tok_emb.shape[1]
+    if offset + T > table.shape[0]:
+        raise ValueError(f"positions up to {offset + T - 1} do not fit a table of {table.shape[0]}")
+    return tok_emb + table[offset : offset + T]   # (B, T, C) + (T, C)
+"""
+
+    def _check(self, fn):
+        gen = torch.Generator().manual_seed(5)
+        table = torch.randn(10, 4, generator=gen)
+        for B, T, offset in ((2, 3, 0), (1, 4, 6), (3, 1, 9)):
+            tok = torch.randn(B, T, 4, generator=gen)
+            got = call(fn, tok.clone(), table, offset)
+            close(got, tok + table[offset : offset + T], what=f"T={T}, offset={offset}")
+        try:
+            got = fn(torch.zeros(1, 3, 4), table, 8)
+        except ValueError:
+            return
+        except IndexError:
+            raise Incorrect(
+                "positions 8..10 are past a 10-row table: raise a ValueError that says so "
+                "(not an IndexError)"
+            ) from None
+        raise Incorrect(
+            "positions 8..10 are past a 10-row table, but your function returned a result "
+            f"of shape {tuple(torch.as_tensor(got).shape)}: raise a ValueError instead"
+        )
+
+    def reference(self):
+        def add_positions(tok_emb, table, offset):
+            T = tok_emb.shape[1]
+            if offset + T > table.shape[0]:
+                raise ValueError("past the end of the table")
+            return tok_emb + table[offset : offset + T]
+
+        return add_positions
+
+    def wrong_answers(self):
+        def ignores_offset(tok_emb, table, offset):
+            T = tok_emb.shape[1]
+            if offset + T > table.shape[0]:
+                raise ValueError("too long")
+            return tok_emb + table[:T]
+
+        def no_check(tok_emb, table, offset):  # slicing past the end silently gives fewer rows
+            T = tok_emb.shape[1]
+            return tok_emb[:, : table[offset : offset + T].shape[0]] + table[offset : offset + T]
+
+        def last_rows(tok_emb, table, offset):
+            T = tok_emb.shape[1]
+            if offset + T > table.shape[0]:
+                raise ValueError("too long")
+            return tok_emb + table[-T:]
+
+        return [ignores_offset, no_check, last_rows]
+
+
+q1 = OneHotLookup()
+q2 = Sinusoidal()
+q3 = Nearest()
+q4 = Rope()
+q5 = PositionsWithOffset()
