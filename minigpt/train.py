@@ -444,6 +444,8 @@ class Trainer:
 
     ``train()`` runs until ``config.max_steps`` and returns the ``LossHistory``.
     ``Trainer.from_checkpoint(...)`` rebuilds a trainer from a checkpoint to resume.
+    Creating a trainer seeds torch's global RNG (which drives dropout) from
+    ``config.seed`` and the process rank, so a run does not depend on what ran before.
     """
 
     def __init__(
