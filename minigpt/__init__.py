@@ -15,6 +15,7 @@ from minigpt.embeddings import (
     RotaryEmbedding,
     SinusoidalPositionalEncoding,
 )
+from minigpt.generate import generate, generate_text, sample_next_token, stream
 from minigpt.model import GPT, GPTConfig
 from minigpt.tokenizer import GPT2_PATTERN, BPETokenizer, CharTokenizer
 from minigpt.train import LossHistory, TrainConfig, Trainer, TrainingDivergedError
@@ -40,7 +41,11 @@ __all__ = [
     "Trainer",
     "TrainingDivergedError",
     "__version__",
+    "generate",
+    "generate_text",
     "load_text",
+    "sample_next_token",
     "scaled_dot_product_attention",
+    "stream",
     "train_val_split",
 ]

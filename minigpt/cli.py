@@ -259,7 +259,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         seed=args.seed,
     )
-    print(text)
+    print(args.prompt + text)  # generate_text returns only the continuation
     return 0
 
 

@@ -292,6 +292,7 @@ class GPT(nn.Module):
         idx: Tensor,
         targets: Tensor | None = None,
         kv_cache: list[KVCache] | None = None,
+        last_only: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         """Compute next-token logits (and the loss when targets are given).
 
@@ -301,10 +302,15 @@ class GPT(nn.Module):
                 that do not count in the loss.
             kv_cache: optional per-layer caches (``new_kv_cache``); ``idx`` then
                 holds only the tokens after the cached ones.
+            last_only: compute logits for the last position only, (B, 1, V): all that
+                generation needs, and it skips most of the output head's work.
         Returns:
-            logits (B, T, V) and the mean cross-entropy loss (a scalar) or None.
+            logits (B, T, V) (or (B, 1, V) with ``last_only``) and the mean
+            cross-entropy loss (a scalar) or None.
         """
         self._check_ids(idx, kv_cache)
+        if last_only and targets is not None:
+            raise ValueError("last_only=True computes no loss: pass targets or last_only, not both")
         B, T = idx.shape
         offset = 0 if kv_cache is None else kv_cache[0].length
         x = self.wte(idx)  # (B, T, C)
@@ -313,6 +319,8 @@ class GPT(nn.Module):
         x = self.drop(x)
         for i, block in enumerate(self.h):
             x = block(x, None if kv_cache is None else kv_cache[i])
+        if last_only:
+            x = x[:, -1:, :]  # (B, 1, C): norm and head are per position
         x = self.ln_f(x)
         logits = self.lm_head(x)  # (B, T, V)
         loss = None

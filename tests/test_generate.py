@@ -1,0 +1,502 @@
+"""minigpt.generate: sampling filters, the generation loop, its KV cache, streaming."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minigpt import GPT, GPTConfig
+from minigpt.generate import (
+    _TextDecoder,
+    apply_repetition_penalty,
+    generate,
+    generate_text,
+    sample_next_token,
+    stream,
+    top_k_filter,
+    top_p_filter,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and far faster on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+VARIANTS = {
+    "gpt2-style": ("tiny", {}),
+    "llama-style": ("llama-tiny", {}),
+    "sinusoidal": ("tiny", {"positions": "sinusoidal"}),
+}
+
+
+def small_model(kind: str = "gpt2-style", vocab_size: int = 61, block_size: int = 24) -> GPT:
+    preset, overrides = VARIANTS[kind]
+    torch.manual_seed(0)
+    config = GPTConfig.preset(preset, vocab_size=vocab_size, block_size=block_size, **overrides)
+    return GPT(config).eval()
+
+
+def prompt(B: int = 2, T: int = 5, V: int = 61, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def test_temperature_zero_is_argmax():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample_next_token(logits, temperature=0), logits.argmax(-1))
+    # top-k and top-p always keep the argmax, so they cannot change greedy decoding
+    assert torch.equal(sample_next_token(logits, 0, top_k=3, top_p=0.1), logits.argmax(-1))
+
+
+def test_shapes():
+    g = torch.Generator().manual_seed(0)
+    assert sample_next_token(torch.randn(7), generator=g).shape == ()
+    assert sample_next_token(torch.randn(3, 7), generator=g).shape == (3,)
+    assert sample_next_token(torch.randn(2, 3, 7), generator=g).shape == (2, 3)
+    assert sample_next_token(torch.randn(3, 7), generator=g).dtype == torch.long
+
+
+def test_low_temperature_always_picks_the_likeliest_and_high_flattens():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.5]]).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    cold = sample_next_token(logits, temperature=0.01, generator=g)
+    assert (cold == 1).all()
+    hot = sample_next_token(logits, temperature=100.0, generator=g)
+    counts = torch.bincount(hot, minlength=4).float() / len(hot)
+    assert (counts - 0.25).abs().max() < 0.05  # nearly uniform
+
+
+def test_draws_follow_the_softmax():
+    logits = torch.tensor([0.0, 1.0, 2.0, -1.0, 0.5])
+    g = torch.Generator().manual_seed(0)
+    draws = sample_next_token(logits.repeat(20000, 1), temperature=0.7, generator=g)
+    freq = torch.bincount(draws, minlength=5).float() / 20000
+    torch.testing.assert_close(freq, torch.softmax(logits / 0.7, -1), atol=0.015, rtol=0)
+
+
+def test_seeded_draws_repeat_and_leave_the_global_rng_alone():
+    logits = torch.randn(8, 100, generator=torch.Generator().manual_seed(0))
+    state = torch.get_rng_state()
+    a = sample_next_token(logits, generator=torch.Generator().manual_seed(5))
+    b = sample_next_token(logits, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(-20, 20, allow_nan=False), min_size=1, max_size=40, unique=True),
+    st.integers(1, 45),
+)
+def test_top_k_keeps_exactly_the_k_largest(values, k):
+    logits = torch.tensor(values, dtype=torch.float32)[None]
+    if logits.unique().numel() != logits.numel():  # float32 rounding merged two values
+        return
+    kept = top_k_filter(logits, k).isfinite()[0]
+    expected = set(sorted(range(len(values)), key=lambda i: -values[i])[:k])
+    assert set(kept.nonzero().flatten().tolist()) == expected
+    # and the kept logits are unchanged
+    assert torch.equal(top_k_filter(logits, k)[0, kept], logits[0, kept])
+
+
+def _nucleus(probs: list[float], p: float) -> set[int] | None:
+    """Brute force in float64; None when p sits too close to a boundary to be decided."""
+    order = sorted(range(len(probs)), key=lambda i: -probs[i])
+    kept, mass = set(), 0.0
+    for i in order:
+        if abs(mass - p) < 1e-4:
+            return None
+        if mass >= p:
+            break
+        kept.add(i)
+        mass += probs[i]
+    return kept
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(st.floats(-8, 8, allow_nan=False), min_size=1, max_size=30),
+    st.floats(0.01, 1.0),
+)
+def test_top_p_keeps_exactly_the_nucleus(values, p):
+    logits = torch.tensor(values, dtype=torch.float32)
+    if logits.unique().numel() != logits.numel():  # ties make "the nucleus" ambiguous
+        return
+    probs = torch.softmax(logits.double(), -1).tolist()
+    expected = _nucleus(probs, p)
+    if expected is None:
+        return
+    kept = top_p_filter(logits[None], p).isfinite()[0]
+    assert set(kept.nonzero().flatten().tolist()) == expected
+
+
+def test_top_p_worked_example():
+    probs = torch.tensor([[0.05, 0.5, 0.3, 0.15]])
+    logits = probs.log()
+    assert top_p_filter(logits, 0.5).isfinite().tolist() == [[False, True, False, False]]
+    assert top_p_filter(logits, 0.6).isfinite().tolist() == [[False, True, True, False]]
+    assert top_p_filter(logits, 0.9).isfinite().tolist() == [[False, True, True, True]]
+    assert top_p_filter(logits, 1.0).isfinite().all()
+    assert top_p_filter(logits, 0.01).isfinite().sum() == 1  # the likeliest always stays
+
+
+def test_filters_match_transformers():
+    from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 300, generator=g) * 3
+    ids = torch.randint(0, 300, (4, 20), generator=g)
+    for k in (1, 5, 50):
+        assert torch.equal(top_k_filter(logits, k), TopKLogitsWarper(k)(ids, logits.clone()))
+    for p in (0.1, 0.5, 0.9, 0.99):
+        ours = top_p_filter(logits, p).isfinite()
+        theirs = TopPLogitsWarper(p)(ids, logits.clone()).isfinite()
+        assert torch.equal(ours, theirs), p
+    for penalty in (0.7, 1.3, 2.0):
+        theirs = RepetitionPenaltyLogitsProcessor(penalty)(ids, logits.clone())
+        torch.testing.assert_close(apply_repetition_penalty(logits, ids, penalty), theirs)
+
+
+def test_sampling_stays_inside_the_filters():
+    logits = torch.randn(1, 40, generator=torch.Generator().manual_seed(3)).repeat(3000, 1)
+    g = torch.Generator().manual_seed(0)
+    draws = set(sample_next_token(logits, top_k=4, generator=g).tolist())
+    assert draws == set(logits[0].topk(4).indices.tolist())
+    nucleus = top_p_filter(logits[:1], 0.5).isfinite()[0].nonzero().flatten().tolist()
+    draws = set(sample_next_token(logits, top_p=0.5, generator=g).tolist())
+    assert draws == set(nucleus)
+
+
+def test_repetition_penalty_lowers_seen_tokens_only():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    out = apply_repetition_penalty(logits, torch.tensor([[0, 1, 1]]), 2.0)
+    assert out.tolist() == [[1.0, -2.0, 0.5, 3.0]]
+    assert torch.equal(apply_repetition_penalty(logits, torch.tensor([[0, 1]]), 1.0), logits)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "words"),
+    [
+        ({"temperature": -0.5}, ValueError, "temperature"),
+        ({"temperature": float("nan")}, ValueError, "temperature"),
+        ({"temperature": "hot"}, TypeError, "temperature"),
+        ({"top_k": 0}, ValueError, "top_k"),
+        ({"top_k": 2.5}, ValueError, "top_k"),
+        ({"top_p": 0.0}, ValueError, "top_p"),
+        ({"top_p": 1.5}, ValueError, "top_p"),
+    ],
+)
+def test_bad_sampling_arguments(kwargs, error, words):
+    with pytest.raises(error, match=words):
+        sample_next_token(torch.randn(2, 5), **kwargs)
+    with pytest.raises(error, match=words):
+        generate(small_model(), prompt(), 3, **kwargs)
+
+
+def test_bad_logits():
+    with pytest.raises(TypeError, match="floating-point"):
+        sample_next_token(torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        apply_repetition_penalty(torch.randn(1, 4), torch.tensor([[1]]), 0.0)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@pytest.mark.parametrize("kind", list(VARIANTS))
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        {"temperature": 0},
+        {"temperature": 0.9, "seed": 3},
+        {"temperature": 1.2, "top_k": 10, "top_p": 0.9, "repetition_penalty": 1.3, "seed": 4},
+    ],
+    ids=["greedy", "sampled", "filtered"],
+)
+@pytest.mark.parametrize("new_tokens", [12, 40], ids=["inside", "past-block-size"])
+def test_cached_equals_uncached(kind, sampling, new_tokens):
+    model = small_model(kind)  # block_size 24: 5 + 40 tokens slide past it
+    idx = prompt()
+    cached = generate(model, idx, new_tokens, **sampling)
+    uncached = generate(model, idx, new_tokens, use_cache=False, **sampling)
+    assert cached.shape == (2, 5 + new_tokens)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached[:, :5], idx)
+
+
+@pytest.mark.parametrize("kind", ["gpt2-style", "llama-style"])
+def test_greedy_equals_a_plain_loop_over_the_last_block_size_tokens(kind):
+    """The textbook loop: run the model on the last block_size tokens, take the argmax."""
+    model = small_model(kind, block_size=16)
+    idx = prompt(T=7)
+    seq = idx.clone()
+    with torch.no_grad():
+        for _ in range(30):
+            logits, _ = model(seq[:, -16:])
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generate(model, idx, 30, temperature=0), seq)
+
+
+def test_prompt_longer_than_the_context_is_cropped():
+    model = small_model(block_size=16)
+    idx = prompt(T=40)
+    out = generate(model, idx, 5, temperature=0)
+    assert torch.equal(out[:, :40], idx)
+    with torch.no_grad():
+        logits, _ = model(idx[:, -16:])
+    assert torch.equal(out[:, 40], logits[:, -1].argmax(-1))
+    assert torch.equal(out, generate(model, idx, 5, temperature=0, use_cache=False))
+
+
+def test_rows_are_independent_in_a_batch():
+    model = small_model()
+    idx = prompt(B=3)
+    batch = generate(model, idx, 10, temperature=0)
+    for b in range(3):
+        assert torch.equal(batch[b : b + 1], generate(model, idx[b : b + 1], 10, temperature=0))
+
+
+def test_seed_makes_sampling_reproducible_and_private():
+    model = small_model()
+    idx = prompt()
+    torch.manual_seed(123)
+    a = generate(model, idx, 15, seed=7)
+    state = torch.get_rng_state()
+    b = generate(model, idx, 15, seed=7)
+    assert torch.equal(a, b)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert not torch.equal(a, generate(model, idx, 15, seed=8))
+
+
+def test_stop_tokens_end_rows_and_generation():
+    model = small_model()
+    idx = prompt()
+    free = generate(model, idx, 20, temperature=0)
+    stop = int(free[0, 5 + 3])  # the 4th token of row 0
+    out = generate(model, idx, 20, temperature=0, stop_tokens=[stop])
+    for row_free, row in zip(free, out):
+        new = row_free[5:].tolist()
+        if stop in new:
+            k = new.index(stop)
+            assert row[5 : 5 + k + 1].tolist() == new[: k + 1]  # kept up to the stop token
+            assert (row[5 + k :] == stop).all()  # then padded with it
+        else:
+            assert row[5:].tolist() == new[: out.shape[1] - 5]
+    if all(stop in r[5:].tolist() for r in free):  # every row stopped: the loop ends early
+        assert out.shape[1] < free.shape[1]
+    single = generate(model, idx[:1], 20, temperature=0, stop_tokens=stop)
+    k = free[0, 5:].tolist().index(stop)
+    assert single.shape[1] == 5 + k + 1 and int(single[0, -1]) == stop
+
+
+def test_repetition_penalty_changes_greedy_output():
+    model = small_model()
+    idx = prompt(B=1)
+    plain = generate(model, idx, 30, temperature=0)
+    penalized = generate(model, idx, 30, temperature=0, repetition_penalty=5.0)
+    assert not torch.equal(plain, penalized)
+    # a strong penalty spreads the output over more distinct tokens
+    assert penalized[0, 5:].unique().numel() > plain[0, 5:].unique().numel()
+
+
+def test_model_mode_and_prompt_are_left_alone():
+    model = small_model()
+    model.train()
+    idx = prompt()
+    before = idx.clone()
+    out = generate(model, idx, 4)
+    assert model.training
+    assert torch.equal(idx, before)
+    assert not out.is_inference()  # usable as training data afterwards
+    assert torch.equal(generate(model, idx, 0), idx)
+
+
+@pytest.mark.parametrize(
+    ("idx", "error", "words"),
+    [
+        (torch.zeros(2, 0, dtype=torch.long), ValueError, "empty"),
+        (torch.zeros(0, 3, dtype=torch.long), ValueError, "empty"),
+        (torch.zeros(2, 3), TypeError, "integer"),
+        (torch.zeros(5, dtype=torch.long), ValueError, r"idx\[None\]"),
+        (torch.zeros(1, 2, 3, dtype=torch.long), ValueError, r"\(B, T\)"),
+        (torch.full((1, 3), 61), ValueError, r"\[0, 61\)"),
+        ([[1, 2, 3]], TypeError, "torch.tensor"),
+    ],
+)
+def test_bad_prompts(idx, error, words):
+    with pytest.raises(error, match=words):
+        generate(small_model(), idx, 3)
+
+
+def test_bad_loop_arguments():
+    model = small_model()
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, prompt(), -1)
+    with pytest.raises(ValueError, match="stop_tokens"):
+        generate(model, prompt(), 3, stop_tokens=[61])
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        generate(model, prompt(), 3, repetition_penalty=-1.0)
+    with pytest.raises(TypeError, match="GPT"):
+        generate(torch.nn.Linear(2, 2), prompt(), 3)
+
+
+def test_last_only_logits():
+    model = small_model()
+    idx = prompt()
+    full, _ = model(idx)
+    last, _ = model(idx, last_only=True)
+    assert last.shape == (2, 1, 61)
+    torch.testing.assert_close(last, full[:, -1:])
+    with pytest.raises(ValueError, match="last_only"):
+        model(idx, idx, last_only=True)
+
+
+# ---------------------------------------------------------------- transformers
+
+
+def test_greedy_equals_transformers_gpt2(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf_config = GPT2Config(
+        vocab_size=97, n_positions=32, n_embd=64, n_layer=2, n_head=4, bos_token_id=0,
+        eos_token_id=1, pad_token_id=1,
+    )  # fmt: skip
+    hf = GPT2LMHeadModel(hf_config).eval()
+    hf.save_pretrained(tmp_path)  # config.json + model.safetensors
+    model = GPT.from_pretrained(tmp_path)
+    idx = torch.randint(2, 97, (3, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = hf.generate(
+            idx, attention_mask=torch.ones_like(idx), max_new_tokens=20, min_new_tokens=20,
+            do_sample=False,
+        )  # fmt: skip
+    assert torch.equal(generate(model, idx, 20, temperature=0), theirs)
+    assert torch.equal(generate(model, idx, 20, temperature=0, use_cache=False), theirs)
+
+
+# ---------------------------------------------------------------- streaming and text
+
+
+class ByteTokenizer:
+    """ids are the raw UTF-8 bytes; decode replaces broken characters with U+FFFD."""
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+class ByteTokenizerWithBytes(ByteTokenizer):
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        return bytes(ids)
+
+
+CYCLE = "a é✓🙂世b"  # 1-, 2-, 3- and 4-byte characters; no byte occurs twice
+
+
+@pytest.fixture(scope="module")
+def byte_model() -> GPT:
+    """A byte-level bigram model built by hand: each byte of CYCLE predicts the next
+    one, so greedy decoding writes multi-byte characters one byte per step.
+
+    The blocks are zeroed (the residual stream is just the token's one-hot
+    embedding) and the head is a permutation matrix scaled so that the right byte
+    wins greedily but sampling at temperature 2 still picks stray bytes.
+    """
+    data = list(CYCLE.encode("utf-8"))
+    config = GPTConfig(
+        vocab_size=256, block_size=32, n_layer=1, n_head=1, n_embd=256,
+        positions="none", tie_weights=False,
+    )  # fmt: skip
+    model = GPT(config)
+    with torch.no_grad():
+        for name, p in model.h.named_parameters():
+            if "c_proj" in name:
+                p.zero_()  # attention and MLP add nothing to the residual stream
+        model.wte.weight.copy_(torch.eye(256))
+        model.lm_head.weight.zero_()
+        for a, b in zip(data, data[1:] + data[:1]):
+            model.lm_head.weight[b, a] = 0.3
+    return model.eval()
+
+
+@pytest.mark.parametrize("tok", [ByteTokenizer(), ByteTokenizerWithBytes()])
+def test_stream_text_splits_only_between_whole_characters(byte_model, tok):
+    pieces = list(stream(byte_model, "a é", 60, tokenizer=tok, temperature=0))
+    text = "".join(pieces)
+    assert text == (CYCLE * 10)[3:][: len(text)] and len(text.encode()) >= 58
+    assert "🙂" in pieces and "世" in pieces  # whole multi-byte characters, one piece each
+    assert all("\ufffd" not in p for p in pieces)
+    assert text == generate_text(byte_model, tok, "a é", 60, temperature=0)
+
+
+@pytest.mark.parametrize("tok", [ByteTokenizer(), ByteTokenizerWithBytes()])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_stream_text_equals_generate_text_when_sampling(byte_model, tok, seed):
+    """Temperature 2 makes plenty of invalid UTF-8: both paths must agree on it too."""
+    opts = dict(temperature=2.0, seed=seed, top_k=200)
+    pieces = list(stream(byte_model, "✓", 60, tokenizer=tok, **opts))
+    text = generate_text(byte_model, tok, "✓", 60, **opts)
+    assert "".join(pieces) == text
+    assert "\ufffd" in text  # the case this test is about did come up
+
+
+def test_stream_ids_equal_generate(byte_model):
+    idx = torch.tensor([list(b"a ")])
+    out = generate(byte_model, idx, 25, temperature=1.5, seed=0)
+    assert list(stream(byte_model, idx, 25, temperature=1.5, seed=0)) == out[0, 2:].tolist()
+    assert list(stream(byte_model, [97, 32], 3, temperature=0)) == (
+        generate(byte_model, torch.tensor([[97, 32]]), 3, temperature=0)[0, 2:].tolist()
+    )
+
+
+def test_stream_stops_at_a_stop_token_without_decoding_it(byte_model):
+    tok = ByteTokenizerWithBytes()
+    text = generate_text(byte_model, tok, "a", 60, temperature=0, stop_tokens=ord("b"))
+    assert text == " é✓🙂世"
+    pieces = stream(byte_model, "a", 60, tokenizer=tok, temperature=0, stop_tokens=[98])
+    assert "".join(pieces) == text
+    ids = list(stream(byte_model, [97], 60, temperature=0, stop_tokens=98))
+    assert ids[-1] == 98 and bytes(ids[:-1]).decode() == text
+
+
+def test_text_decoder_on_split_characters():
+    data = "a✓🙂é".encode()
+    for tok in (ByteTokenizer(), ByteTokenizerWithBytes()):
+        decoder = _TextDecoder(tok, stops=[])
+        pieces = [decoder.push(b) for b in data] + [decoder.flush()]
+        assert pieces == ["a", "", "", "✓", "", "", "", "🙂", "", "é", ""]
+        decoder = _TextDecoder(tok, stops=[])  # a character cut off at the end
+        assert [decoder.push(b) for b in "é".encode()[:1]] + [decoder.flush()] == ["", "\ufffd"]
+
+
+def test_stream_errors_come_at_the_call(byte_model):
+    with pytest.raises(ValueError, match="no tokens"):
+        stream(byte_model, "", 5, tokenizer=ByteTokenizer())
+    with pytest.raises(TypeError, match="tokenizer"):
+        stream(byte_model, "hi", 5)
+    with pytest.raises(ValueError, match="generate for a batch"):
+        stream(byte_model, torch.zeros(2, 3, dtype=torch.long), 5)
+    with pytest.raises(ValueError, match="empty"):
+        stream(byte_model, [], 5)
+
+
+def test_temperature_is_not_nan_sensitive():
+    # very small temperatures divide large logits: still a valid draw, never NaN
+    logits = torch.tensor([[1000.0, -1000.0, 0.0]])
+    tok = sample_next_token(logits, temperature=1e-6, generator=torch.Generator().manual_seed(0))
+    assert tok.item() == 0
+    assert math.isfinite(torch.softmax(logits / 1e-6, -1).sum().item())
