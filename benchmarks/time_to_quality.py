@@ -33,9 +33,12 @@ from minigpt.model import GPT, GPTConfig
 from minigpt.tokenizer import CharTokenizer
 from minigpt.train import TrainConfig, Trainer
 
+# Many small steps win at this budget: in equal CPU time, 1600 steps of 12 x 64 tokens
+# at lr 2e-3 reached 1.86, 600 steps of 16 x 128 only 2.04. So the model stays small,
+# batches short, and the learning rate twice nanoGPT's, with the cosine tied to the clock.
 RECIPE = dict(
-    model=dict(n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.0),
-    train=dict(batch_size=16, lr=4e-3, min_lr=4e-4, warmup_steps=50, beta2=0.99, weight_decay=0.1),
+    model=dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0),
+    train=dict(batch_size=12, lr=2e-3, min_lr=2e-4, warmup_steps=100, beta2=0.99, weight_decay=0.1),
 )
 NANOGPT = dict(
     model=dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0),

@@ -1,6 +1,6 @@
 """The ``minigpt`` command: train, sample from and evaluate models.
 
-    minigpt train [CONFIG] [--key=value ...] [--resume]
+    minigpt train [CONFIG] [--key=value ...] [--resume]     # e.g. configs/shakespeare_char.json
     minigpt sample CHECKPOINT --prompt "ROMEO:" [--max-new-tokens 200] [--temperature 0.8]
     minigpt eval CHECKPOINT [--iters 50]
 

@@ -124,3 +124,14 @@ def test_torchrun_ddp_matches_one_process(tmp_path):
     assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-4)
     assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4)
     assert a["train_loss"][-1] < a["train_loss"][0]
+
+
+def test_example_config_is_valid():
+    from minigpt.model import GPTConfig
+    from minigpt.train import TrainConfig
+
+    cfg = load_config(REPO / "configs" / "shakespeare_char.json")
+    model = dict(cfg["model"])
+    GPTConfig.preset(model.pop("preset"), vocab_size=65, **model)
+    TrainConfig.from_dict(cfg["train"])
+    assert cfg["data"]["tokenizer"] == "char"
