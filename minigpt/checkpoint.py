@@ -9,20 +9,24 @@ corrupt file raises ``CheckpointError`` naming the file.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+T = TypeVar("T")
+
 __all__ = [
     "CheckpointError",
     "atomic_write",
+    "config_from_dict",
     "load_json",
     "load_tensors",
     "save_json",
@@ -32,6 +36,18 @@ __all__ = [
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated, corrupt or does not fit the model."""
+
+
+def config_from_dict(cls: type[T], d: dict[str, Any]) -> T:
+    """Build the dataclass ``cls`` from ``d``, rejecting unknown keys (a typo in a
+    config file should fail loudly, not be ignored)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"a {cls.__name__} must be a JSON object, got {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; known keys: {sorted(known)}")
+    return cls(**d)
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minigpt.attention import CausalSelfAttention, KVCache
-from minigpt.checkpoint import CheckpointError, load_json, load_tensors, save_json, save_tensors
+from minigpt.checkpoint import (
+    CheckpointError,
+    config_from_dict,
+    load_json,
+    load_tensors,
+    save_json,
+    save_tensors,
+)
 from minigpt.embeddings import (
     LearnedPositionalEmbedding,
     RotaryEmbedding,
@@ -134,11 +141,7 @@ class GPTConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
         """Build from a dict, rejecting unknown keys (a typo should not pass silently)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown GPTConfig keys {unknown}; known keys: {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> GPTConfig:

@@ -48,6 +48,8 @@ import regex
 if TYPE_CHECKING:  # pragma: no cover
     import tiktoken
 
+from minigpt.checkpoint import atomic_write
+
 __all__ = [
     "GPT2_PATTERN",
     "BPETokenizer",
@@ -750,15 +752,8 @@ def _as_int_list(ids: Iterable[int]) -> list[int]:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    text = json.dumps(obj, ensure_ascii=False, indent=1) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _read_json(path: Path, fmt: str) -> dict[str, Any]:

@@ -45,7 +45,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from minigpt.checkpoint import CheckpointError, load_json, load_tensors, save_json, save_tensors
+from minigpt.checkpoint import (
+    CheckpointError,
+    config_from_dict,
+    load_json,
+    load_tensors,
+    save_json,
+    save_tensors,
+)
 from minigpt.data import TokenDataset
 from minigpt.model import GPT, GPTConfig
 
@@ -170,11 +177,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """Build from a dict, rejecting unknown keys (a typo should not pass silently)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig keys {unknown}; known keys: {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 # --------------------------------------------------------------------------- the pieces
