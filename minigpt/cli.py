@@ -218,6 +218,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
     try:
         history = trainer.train()
+        if trainer.ddp.enabled:
+            # every rank finishes before the group is torn down; a rank that leaves early
+            # can make gloo abort its peer during destroy_process_group
+            dist.barrier()
     except KeyboardInterrupt as e:
         print(e or "interrupted", file=sys.stderr)
         return 130
