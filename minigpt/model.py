@@ -144,6 +144,14 @@ class GPTConfig:
         return config_from_dict(cls, d)
 
     @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> GPTConfig:
+        """Read a config written by ``GPT.save``; a bad file raises ``CheckpointError``."""
+        try:
+            return cls.from_dict(load_json(path))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path} is not a valid GPTConfig: {e}") from e
+
+    @classmethod
     def preset(cls, name: str, **overrides: Any) -> GPTConfig:
         """A named configuration (see ``PRESETS``) with optional overrides."""
         if name not in PRESETS:
@@ -429,13 +437,7 @@ class GPT(nn.Module):
     def load(cls, directory: str | os.PathLike[str], device: str | torch.device = "cpu") -> GPT:
         """Read a model written by ``save``. Raises ``CheckpointError`` naming a bad file."""
         directory = Path(directory)
-        try:
-            config = GPTConfig.from_dict(load_json(directory / "config.json"))
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(
-                f"{directory / 'config.json'} is not a valid GPTConfig: {e}"
-            ) from e
-        model = cls(config)
+        model = cls(GPTConfig.from_json(directory / "config.json"))
         state = load_tensors(directory / "model.safetensors", device=device)
         model.load_weights(state, source=directory / "model.safetensors")
         return model.to(device)

@@ -748,12 +748,7 @@ class Trainer:
         """
         directory = find_checkpoint(path)
         state = read_trainer_state(directory)
-        try:
-            config = GPTConfig.from_dict(load_json(directory / "config.json"))
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(
-                f"{directory / 'config.json'} is not a valid GPTConfig: {e}"
-            ) from e
+        config = GPTConfig.from_json(directory / "config.json")
         if config != self.model.config:
             raise CheckpointError(
                 f"{directory / 'config.json'} describes a different model than the one being "
