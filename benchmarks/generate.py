@@ -21,11 +21,10 @@ Both produce the same 128 tokens (checked), so the comparison is like for like.
 from __future__ import annotations
 
 import argparse
-import gc
-import time
 import warnings
 
 import torch
+from timing import best_time  # benchmarks/timing.py
 
 from minigpt import GPT, GPTConfig
 from minigpt.generate import generate
@@ -75,16 +74,6 @@ def to_minigpt(hf) -> GPT:
     return model.eval()
 
 
-def timed(fn, repeats: int) -> tuple[float, torch.Tensor]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        gc.collect()
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small model and fewer tokens")
@@ -130,12 +119,12 @@ def main() -> int:
     run_hf(), run_mini()
     t_hf = t_mini = t_nocache = float("inf")
     for i in range(repeats):
-        t, out_hf = timed(run_hf, 1)
+        t, out_hf = best_time(run_hf, 1)
         t_hf = min(t_hf, t)
-        t, out_mini = timed(run_mini, 1)
+        t, out_mini = best_time(run_mini, 1)
         t_mini = min(t_mini, t)
         if i == 0 or not args.no_cache_once:
-            t, out_nocache = timed(lambda: run_mini(False), 1)
+            t, out_nocache = best_time(lambda: run_mini(False), 1)
             t_nocache = min(t_nocache, t)
     same = torch.equal(out_hf, out_mini) and torch.equal(out_mini, out_nocache)
     print(f"same tokens from all three: {same}")

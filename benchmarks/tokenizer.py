@@ -29,19 +29,10 @@ import time
 import tracemalloc
 from pathlib import Path
 
+from timing import best_time  # benchmarks/timing.py
+
 from minigpt import data
 from minigpt.tokenizer import BPETokenizer, tiktoken_gpt2_reference
-
-
-def best_time(fn, repeats: int) -> tuple[float, object]:
-    """The fastest of ``repeats`` calls (the least disturbed by other load) and the result."""
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        gc.collect()
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
 
 
 def verdict(ok: bool) -> str:
