@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import codecs
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from minigpt.model import GPT
 
@@ -243,6 +243,31 @@ def _as_stop_tokens(stop_tokens: int | Iterable[int] | None, vocab_size: int) ->
     return tokens
 
 
+def _output_head(model: GPT, steps: int) -> Callable[[Tensor], Tensor]:
+    """The output head for a loop of ``steps`` decoding steps: (B, C) -> (B, V) logits.
+
+    On a CPU, one hidden vector times ``nn.Linear``'s (V, C) weight runs at about
+    half the speed of the same vector times the (C, V) transpose: that
+    matrix-vector kernel reads memory less efficiently and barely uses a second
+    thread (``benchmarks/generate.py``; the (C, V) layout is the one GPT-2's
+    Conv1D stores). The head is a small model's largest matrix (GPT-2: 38.6M of
+    124M parameters), so for a long enough loop a transposed copy pays for itself:
+    about 70 ms and V x C floats (154 MB for GPT-2) for the length of the call,
+    against about 5 ms saved per token. Elsewhere the head is used as it is.
+    """
+    head = model.lm_head
+    if type(head) is not nn.Linear or head.weight.device.type != "cpu" or steps < 32:
+        return lambda x: head(x)
+    w = head.weight  # (V, C)
+    wt = torch.empty(w.shape[1], w.shape[0], dtype=w.dtype)  # (C, V)
+    for i in range(0, w.shape[0], 2048):  # in blocks: faster than w.t().contiguous()
+        wt[:, i : i + 2048] = w[i : i + 2048].t()
+    bias = head.bias
+    if bias is None:
+        return lambda x: x @ wt
+    return lambda x: torch.addmm(bias, x, wt)
+
+
 @torch.inference_mode()
 def _decode(
     model: GPT,
@@ -268,6 +293,7 @@ def _decode(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=idx.device).manual_seed(seed)
+    head = _output_head(model, max_new_tokens)
     if stop_tokens:
         stops = torch.tensor(stop_tokens, device=idx.device)
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
@@ -276,15 +302,15 @@ def _decode(
     for _ in range(max_new_tokens):
         if cache is None:
             # no cache: run the whole window (the last block_size tokens) again
-            logits, _ = model(seq[:, max(0, n - block_size) : n], last_only=True)
+            hidden = model.hidden_states(seq[:, max(0, n - block_size) : n], last_only=True)
         else:
             if n - start > block_size:  # the window slid: rebuild the cache from it
                 for layer in cache:
                     layer.reset()
                 start = n - block_size
             new = seq[:, start + cache[0].length : n]  # the prompt, then one token a step
-            logits, _ = model(new, kv_cache=cache, last_only=True)
-        logits = logits[:, -1, :]  # (B, V)
+            hidden = model.hidden_states(new, kv_cache=cache, last_only=True)
+        logits = head(hidden[:, -1, :])  # (B, C) -> (B, V)
         if repetition_penalty is not None:
             logits = apply_repetition_penalty(logits, seq[:, :n], repetition_penalty)
         token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)

@@ -319,20 +319,10 @@ class GPT(nn.Module):
             logits (B, T, V) (or (B, 1, V) with ``last_only``) and the mean
             cross-entropy loss (a scalar) or None.
         """
-        self._check_ids(idx, kv_cache)
         if last_only and targets is not None:
             raise ValueError("last_only=True computes no loss: pass targets or last_only, not both")
+        x = self.hidden_states(idx, kv_cache, last_only)  # (B, T, C) or (B, 1, C)
         B, T = idx.shape
-        offset = 0 if kv_cache is None else kv_cache[0].length
-        x = self.wte(idx)  # (B, T, C)
-        if self.wpe is not None:
-            x = x + self.wpe(T, offset)  # (T, C) broadcast over the batch
-        x = self.drop(x)
-        for i, block in enumerate(self.h):
-            x = block(x, None if kv_cache is None else kv_cache[i])
-        if last_only:
-            x = x[:, -1:, :]  # (B, 1, C): norm and head are per position
-        x = self.ln_f(x)
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:
@@ -344,6 +334,27 @@ class GPT(nn.Module):
                 logits.view(B * T, -1).float(), targets.reshape(B * T), ignore_index=-100
             )
         return logits, loss
+
+    def hidden_states(
+        self, idx: Tensor, kv_cache: list[KVCache] | None = None, last_only: bool = False
+    ) -> Tensor:
+        """What the output head reads: the final-norm hidden states.
+
+        ``forward`` is this followed by ``lm_head``; the arguments are forward's.
+        Returns (B, T, C), or (B, 1, C) with ``last_only``.
+        """
+        self._check_ids(idx, kv_cache)
+        T = idx.shape[1]
+        offset = 0 if kv_cache is None else kv_cache[0].length
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(T, offset)  # (T, C) broadcast over the batch
+        x = self.drop(x)
+        for i, block in enumerate(self.h):
+            x = block(x, None if kv_cache is None else kv_cache[i])
+        if last_only:
+            x = x[:, -1:, :]  # (B, 1, C): norm and head are per position
+        return self.ln_f(x)
 
     def _check_ids(self, idx: Tensor, kv_cache: list[KVCache] | None) -> None:
         if not isinstance(idx, Tensor) or idx.dtype not in (

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from minigpt import GPT, GPTConfig
 from minigpt.generate import (
+    _output_head,
     _TextDecoder,
     apply_repetition_penalty,
     generate,
@@ -242,10 +243,10 @@ def test_greedy_equals_a_plain_loop_over_the_last_block_size_tokens(kind):
     idx = prompt(T=7)
     seq = idx.clone()
     with torch.no_grad():
-        for _ in range(30):
+        for _ in range(40):  # >= 32 steps: the loop uses its transposed copy of the head
             logits, _ = model(seq[:, -16:])
             seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(generate(model, idx, 30, temperature=0), seq)
+    assert torch.equal(generate(model, idx, 40, temperature=0), seq)
 
 
 def test_prompt_longer_than_the_context_is_cropped():
@@ -360,6 +361,29 @@ def test_last_only_logits():
     torch.testing.assert_close(last, full[:, -1:])
     with pytest.raises(ValueError, match="last_only"):
         model(idx, idx, last_only=True)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("steps", [4, 64], ids=["short-loop", "long-loop"])
+def test_decoding_head_equals_lm_head(steps, bias):
+    """Long loops multiply by a transposed copy of the head; the logits must not change."""
+    model = small_model()
+    if bias:  # an untied head with a bias
+        head = torch.nn.Linear(model.config.n_embd, 61)
+        model.lm_head = head
+    x = torch.randn(3, model.config.n_embd)
+    with torch.inference_mode():
+        torch.testing.assert_close(_output_head(model, steps)(x), model.lm_head(x))
+
+
+def test_hidden_states_feed_the_head():
+    model = small_model()
+    idx = prompt()
+    logits, _ = model(idx)
+    hidden = model.hidden_states(idx)
+    assert hidden.shape == (2, 5, model.config.n_embd)
+    torch.testing.assert_close(model.lm_head(hidden), logits)
+    assert model.hidden_states(idx, last_only=True).shape == (2, 1, model.config.n_embd)
 
 
 # ---------------------------------------------------------------- transformers
