@@ -6,12 +6,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minigpt import GPT, GPTConfig
 from minigpt.generate import (
-    _output_head,
+    _RowBlockLinear,
     _TextDecoder,
     apply_repetition_penalty,
     generate,
@@ -364,16 +365,49 @@ def test_last_only_logits():
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("steps", [4, 64], ids=["short-loop", "long-loop"])
-def test_decoding_head_equals_lm_head(steps, bias):
-    """Long loops multiply by a transposed copy of the head; the logits must not change."""
-    model = small_model()
-    if bias:  # an untied head with a bias
-        head = torch.nn.Linear(model.config.n_embd, 61)
-        model.lm_head = head
-    x = torch.randn(3, model.config.n_embd)
+@pytest.mark.parametrize(
+    "shape", [(4096, 192), (4099, 130), (50, 64)], ids=["even", "ragged", "small"]
+)
+def test_row_block_linear_equals_f_linear(shape, bias):
+    """Decoding one sequence runs big single-row linears as a batched matmul."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(shape, generator=gen)
+    b = torch.randn(shape[0], generator=gen) if bias else None
+    x = torch.randn(1, 1, shape[1], generator=gen)
+    mode = _RowBlockLinear(blocks=8, min_size=1000)
     with torch.inference_mode():
-        torch.testing.assert_close(_output_head(model, steps)(x), model.lm_head(x))
+        expected = F.linear(x, weight, b)
+        with mode:
+            got = F.linear(x, weight, b)
+            got_module = torch.nn.functional.linear(x[0], weight, bias=b)
+            two_rows = F.linear(x.expand(2, 1, -1), weight, b)  # passes through
+    assert got.shape == expected.shape == (1, 1, shape[0])
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got_module, expected[0])
+    torch.testing.assert_close(two_rows, expected.expand(2, 1, -1))
+
+
+def test_generation_leaves_no_torch_function_mode_active(monkeypatch):
+    """The fast path is switched on around each model call, never across a yield."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    calls = []
+    fast = _RowBlockLinear._linear
+    monkeypatch.setattr(
+        _RowBlockLinear, "_linear", lambda self, *a: calls.append(1) or fast(self, *a)
+    )
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=1024, vocab_size=600, block_size=64))
+    torch.set_num_threads(2)  # the fast path needs a second thread
+    try:
+        for _ in stream(model, [1, 2, 3], 5, temperature=0):
+            assert _get_current_function_mode_stack() == []
+        assert torch.equal(
+            generate(model, torch.tensor([[1, 2, 3]]), 5, temperature=0),
+            generate(model, torch.tensor([[1, 2, 3]]), 5, temperature=0, use_cache=False),
+        )
+    finally:
+        torch.set_num_threads(1)
+    assert len(calls) == 2 * 5 * 4  # 2 runs x 5 linears (4 in the block, the head) x 4 steps
 
 
 def test_hidden_states_feed_the_head():
