@@ -550,6 +550,10 @@ class FinetuneConfig:
         time_limit: stop after this many seconds of training (None = no limit); the
             learning-rate schedule then follows whichever of steps and time runs out first.
         eval_every: evaluate on the validation data every this many steps (0 = never).
+        keep_best: with validation data and ``eval_every`` (``train_classifier``),
+            end with the trainable weights that scored the highest validation accuracy
+            (the last step is evaluated too; ties go to the later weights) instead of
+            the last ones: early stopping, chosen after the fact.
         bucket_by_length: batch examples of similar lengths together (less padding).
         seed: seeds the batch order and dropout.
     """
@@ -563,6 +567,7 @@ class FinetuneConfig:
     max_length: int | None = None
     time_limit: float | None = None
     eval_every: int = 0
+    keep_best: bool = False
     bucket_by_length: bool = True
     seed: int = 0
 
@@ -618,6 +623,7 @@ def _fit(
     start = time.perf_counter()
     model.train()
     step_seconds = 0.0
+    best: tuple[float, list[Tensor]] | None = None  # with cfg.keep_best: (accuracy, weights)
     for step in range(cfg.steps):
         elapsed = time.perf_counter() - start
         # stop before a step that would end past the limit (a step takes about the last one's time)
@@ -650,12 +656,37 @@ def _fit(
         history["loss"].append(loss.item())
         step_seconds = time.perf_counter() - start - elapsed
         if evaluate is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            model.eval()
-            history["eval_step"].append(step + 1)
-            history["eval"].append(evaluate())
-            model.train()
+            best = _evaluate(model, evaluate, step + 1, history, best, cfg.keep_best)
+    if evaluate is not None and cfg.eval_every and cfg.keep_best:
+        if not history["eval_step"] or history["eval_step"][-1] != len(history["step"]):
+            best = _evaluate(model, evaluate, len(history["step"]), history, best, True)
+        if best is not None:
+            with torch.no_grad():
+                for p, saved in zip(trainable, best[1], strict=True):
+                    p.copy_(saved)
     model.eval()
     return history
+
+
+def _evaluate(
+    model: nn.Module,
+    evaluate: Callable[[], float],
+    step: int,
+    history: dict[str, list[float]],
+    best: tuple[float, list[Tensor]] | None,
+    keep_best: bool,
+) -> tuple[float, list[Tensor]] | None:
+    """Evaluate and log it; with ``keep_best``, return the best (score, copy of the
+    trainable weights) so far."""
+    model.eval()
+    score = evaluate()
+    model.train()
+    history["eval_step"].append(step)
+    history["eval"].append(score)
+    if not keep_best or (best is not None and score < best[0]):
+        return best
+    trainable = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    return (score, trainable)
 
 
 def train_classifier(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -229,6 +231,32 @@ def test_classifier_learns_an_easy_task():
     assert history["loss"][-1] < history["loss"][0] and history["eval"][-1] == 1.0
     cm = confusion_matrix(preds, torch.tensor([y for _, y in data]))
     assert cm.tolist() == [[12, 0], [0, 10]]
+
+
+def test_keep_best_ends_with_the_best_evaluated_weights():
+    data = [(f"WIN {i}00 NOW!", 1) for i in range(6)] + [(f"see you at {i}", 0) for i in range(6)]
+    clf = GPTClassifier(tiny_gpt(), num_classes=2)
+    snapshots, scores = [], iter([0.5, 0.9, 0.7, 0.6])  # the second evaluation is the best
+
+    def fake_accuracy(model, *args, **kwargs):
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        return next(scores), None
+
+    cfg = FinetuneConfig(steps=15, batch_size=4, lr=3e-3, eval_every=4, keep_best=True)
+    with patch("minigpt.finetune.evaluate_classifier", fake_accuracy):
+        history = train_classifier(clf, data, encode, cfg, val=data)
+    assert history["eval_step"] == [4, 8, 12, 15]  # the last step is evaluated too
+    assert history["eval"] == [0.5, 0.9, 0.7, 0.6]
+    for k, v in clf.state_dict().items():
+        assert torch.equal(v, snapshots[1][k]), k
+    assert not torch.equal(clf.head.weight, snapshots[-1]["head.weight"])
+
+    clf = GPTClassifier(tiny_gpt(), num_classes=2)  # without keep_best: the last weights
+    snapshots.clear()
+    scores = iter([0.5, 0.9, 0.7])
+    with patch("minigpt.finetune.evaluate_classifier", fake_accuracy):
+        train_classifier(clf, data, encode, replace(cfg, keep_best=False), val=data)
+    assert len(snapshots) == 3  # steps 4, 8, 12: no extra evaluation at the end
 
 
 def test_confusion_matrix_rows_are_true_labels():
