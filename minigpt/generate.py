@@ -28,6 +28,7 @@ from __future__ import annotations
 import codecs
 import math
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import nullcontext
 from typing import Protocol
 
 import torch
@@ -334,10 +335,8 @@ def _decode(
                     layer.reset()
                 start = n - block_size
             new = seq[:, start + cache[0].length : n]  # the prompt, then one token a step
-            if fast_gemv and new.shape[1] == 1:
-                with _RowBlockLinear():  # only around the model call: never across a yield
-                    logits, _ = model(new, kv_cache=cache, last_only=True)
-            else:
+            # the fast path only around the model call, never across a yield
+            with _RowBlockLinear() if fast_gemv and new.shape[1] == 1 else nullcontext():
                 logits, _ = model(new, kv_cache=cache, last_only=True)
         logits = logits[:, -1, :]  # (B, V)
         if repetition_penalty is not None:
