@@ -14,7 +14,12 @@ Goal: minigpt at least 1.2x the tokens/s of transformers at each size. The two
 sizes are nanoGPT's character-level Tiny Shakespeare configurations (its "laptop
 CPU" one and its default one), hence the default vocabulary of 65 characters;
 ``--vocab-size 50257`` measures with GPT-2's tokenizer, where the output layer
-(the same matmul in both models) dominates the small size.
+dominates the small size.
+
+Most of a step is matrix products. minigpt's ``Linear`` layers send them to oneDNN
+where that was measured faster than PyTorch's BLAS (``minigpt.linear``: about 2x
+on AVX-512 CPUs that are not Intel's); the header line says which backend this CPU
+got, and ``MINIGPT_LINEAR=torch`` measures without it.
 
 On a machine whose cores are shared with other busy processes, PyTorch's worker
 threads wait on each other at every operation and both models slow down many times
@@ -33,6 +38,7 @@ from torch import nn
 
 import minigpt
 from minigpt import GPT, GPTConfig
+from minigpt.linear import linear_backend
 
 GOAL = 1.2
 
@@ -170,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"minigpt {minigpt.__version__}; {torch.get_num_threads()} threads, float32 on CPU"
+        f"minigpt {minigpt.__version__}; {torch.get_num_threads()} threads, float32 on CPU "
+        f"({torch.backends.cpu.get_cpu_capability()}); minigpt.linear: {linear_backend()}"
     )
     print(
         f"vocab {args.vocab_size}, AdamW (fused if available) for both; "

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minigpt.embeddings import RotaryEmbedding
+from minigpt.linear import Linear
 
 __all__ = ["CausalSelfAttention", "KVCache", "causal_mask", "scaled_dot_product_attention"]
 
@@ -177,8 +178,8 @@ class CausalSelfAttention(nn.Module):
             )
         self.rope = rope
         # queries for every head, keys and values for the (fewer) kv heads, in one matmul
-        self.c_attn = nn.Linear(n_embd, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias)
-        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.c_attn = Linear(n_embd, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias)
+        self.c_proj = Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:

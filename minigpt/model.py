@@ -42,6 +42,7 @@ from minigpt.embeddings import (
     RotaryEmbedding,
     SinusoidalPositionalEncoding,
 )
+from minigpt.linear import Linear
 
 __all__ = ["GPT", "MLP", "PRESETS", "Block", "GPTConfig", "RMSNorm", "SwiGLU"]
 
@@ -200,8 +201,8 @@ class MLP(nn.Module):
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.hidden_dim, bias=config.bias)
-        self.c_proj = nn.Linear(config.hidden_dim, config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, config.hidden_dim, bias=config.bias)
+        self.c_proj = Linear(config.hidden_dim, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -215,8 +216,8 @@ class SwiGLU(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         # gate and up projections fused into one matmul, split afterwards
-        self.c_fc = nn.Linear(config.n_embd, 2 * config.hidden_dim, bias=config.bias)
-        self.c_proj = nn.Linear(config.hidden_dim, config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 2 * config.hidden_dim, bias=config.bias)
+        self.c_proj = Linear(config.hidden_dim, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -275,7 +276,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config, rope) for _ in range(config.n_layer))
         self.ln_f = _norm(config)
-        self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
+        self.lm_head = Linear(C, config.vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.wte.weight  # one matrix reads and writes tokens
         self.reset_parameters()
