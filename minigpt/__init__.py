@@ -15,7 +15,7 @@ from minigpt.embeddings import (
     RotaryEmbedding,
     SinusoidalPositionalEncoding,
 )
-from minigpt.finetune import GPTClassifier, InstructionCollator
+from minigpt.finetune import GenerativeClassifier, GPTClassifier, InstructionCollator
 from minigpt.generate import generate, generate_text, sample_next_token, stream
 from minigpt.lora import LoRALinear, apply_lora, merge_lora
 from minigpt.model import GPT, GPTConfig
@@ -34,6 +34,7 @@ __all__ = [
     "DataError",
     "GPTClassifier",
     "GPTConfig",
+    "GenerativeClassifier",
     "InstructionCollator",
     "KVCache",
     "LearnedPositionalEmbedding",

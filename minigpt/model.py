@@ -297,6 +297,21 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=std)
 
+    def set_dropout(self, p: float) -> None:
+        """Change the dropout probability of every layer (and ``config.dropout``) to ``p``.
+
+        Pretraining small models uses none; fine-tuning on a few thousand examples
+        overfits without it. Dropout only acts in training mode.
+        """
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {p!r}")
+        self.config.dropout = float(p)
+        self.drop.p = float(p)
+        for block in self.h:
+            block.attn.dropout = float(p)  # on the attention weights
+            block.attn.resid_dropout.p = float(p)
+            block.mlp.dropout.p = float(p)
+
     # ---------------------------------------------------------------- forward
 
     def forward(

@@ -9,6 +9,7 @@ from unittest.mock import patch
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from minigpt import GPT, GPTConfig
 from minigpt.finetune import (
@@ -16,6 +17,7 @@ from minigpt.finetune import (
     BagOfWords,
     DataFormatError,
     FinetuneConfig,
+    GenerativeClassifier,
     GPTClassifier,
     InstructionCollator,
     InstructionExample,
@@ -257,6 +259,128 @@ def test_keep_best_ends_with_the_best_evaluated_weights():
     with patch("minigpt.finetune.evaluate_classifier", fake_accuracy):
         train_classifier(clf, data, encode, replace(cfg, keep_best=False), val=data)
     assert len(snapshots) == 3  # steps 4, 8, 12: no extra evaluation at the end
+
+
+def test_generative_classifier_scores_are_log_likelihoods_of_the_text():
+    gpt = tiny_gpt()
+    V = gpt.config.vocab_size
+    clf = GenerativeClassifier(gpt, num_classes=3).eval()
+    assert clf.label_ids == [V, V + 1, V + 2] and gpt.config.vocab_size == V + 3
+    texts = ["hello there", "hi", "a longer message!"]
+    idx, lengths = encode_texts(texts, encode, max_length=48)
+    scores = clf(idx, lengths)
+    assert scores.shape == (3, 3)
+    for b, text in enumerate(texts):
+        for k in range(3):
+            # by hand: read <label k> + text, add up log p of each text token
+            ids = torch.tensor([[V + k, *encode(text)]])
+            logp = F.log_softmax(gpt(ids[:, :-1])[0], dim=-1)[0]  # (T, V)
+            want = logp[torch.arange(len(text)), ids[0, 1:]].sum()
+            torch.testing.assert_close(scores[b, k], want, atol=1e-4, rtol=1e-5)
+    # padding changes nothing; a text of one token is scored too
+    torch.testing.assert_close(clf(idx[1:2, :2]), scores[1:2], atol=1e-4, rtol=1e-5)
+    assert clf(idx[:1, :1]).shape == (1, 3)
+
+
+def test_generative_classifier_loss_is_the_language_model_loss_after_the_label():
+    gpt = tiny_gpt()
+    V = gpt.config.vocab_size
+    clf = GenerativeClassifier(gpt, num_classes=2, discriminative=0.0).eval()
+    idx, lengths = encode_texts(["FREE cash", "see you at home"], encode, max_length=48)
+    labels = torch.tensor([1, 0])
+    loss = clf.loss(idx, lengths, labels)
+    # the mean over the 9 + 15 real text tokens of -log p(token | label, text so far)
+    scores = clf(idx, lengths)
+    torch.testing.assert_close(loss, -(scores[0, 1] + scores[1, 0]) / 24, atol=1e-5, rtol=1e-5)
+    # with a discriminative term: plus its weight times the cross-entropy of the scores
+    clf.discriminative = 0.5
+    want = loss + 0.5 * F.cross_entropy(scores, labels)
+    torch.testing.assert_close(clf.loss(idx, lengths, labels), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="discriminative"):
+        GenerativeClassifier(tiny_gpt(), 2, discriminative=-1.0)
+    with pytest.raises(ValueError, match="labels must be in"):
+        clf.loss(idx, lengths, torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="labels must have shape"):
+        clf.loss(idx, lengths, torch.tensor([0]))
+    with pytest.raises(ValueError, match="label token"):
+        clf(torch.tensor([[V, 1, 2]]))
+    with pytest.raises(ValueError, match="lengths"):
+        clf(idx, torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="num_classes"):
+        GenerativeClassifier(tiny_gpt(), num_classes=1)
+    with pytest.raises(ValueError, match="language-model head"):
+        GenerativeClassifier(GPTClassifier(tiny_gpt(), 2).gpt, 2)
+
+
+def test_generative_classifier_learns_an_easy_task():
+    spam = [(f"WIN {i}00 NOW! CALL 0{i}", 1) for i in range(10)]
+    ham = [(f"see you at {w} tonight", 0) for w in ("home", "work", "class", "lunch", "the", "pub")]
+    data = spam + ham * 2
+    clf = GenerativeClassifier(tiny_gpt(), num_classes=2)
+    cfg = FinetuneConfig(steps=40, batch_size=8, lr=3e-3, dropout=0.1)
+    history = train_classifier(clf, data, encode, cfg)
+    assert clf.gpt.config.dropout == 0.1 and clf.gpt.h[0].attn.dropout == 0.1
+    acc, _ = evaluate_classifier(clf, data, encode, batch_size=5)
+    assert acc == 1.0
+    assert history["loss"][-1] < history["loss"][0]
+
+
+def test_set_dropout_reaches_every_layer():
+    gpt = tiny_gpt()
+    gpt.set_dropout(0.25)
+    rates = [m.p for m in gpt.modules() if isinstance(m, torch.nn.Dropout)]
+    assert rates and all(r == 0.25 for r in rates)
+    assert all(b.attn.dropout == 0.25 for b in gpt.h) and gpt.config.dropout == 0.25
+    gpt.eval()
+    idx = torch.randint(0, gpt.config.vocab_size, (2, 9))
+    assert torch.equal(gpt(idx)[0], gpt(idx)[0])  # no dropout at evaluation
+    gpt.train()
+    assert not torch.equal(gpt(idx)[0], gpt(idx)[0])
+    for bad in (1.0, -0.1, True):
+        with pytest.raises(ValueError, match="dropout"):
+            gpt.set_dropout(bad)
+    with pytest.raises(ValueError, match="dropout"):
+        FinetuneConfig(dropout=1.5)
+
+
+def test_ema_returns_the_moving_average_of_the_weights():
+    from minigpt import finetune
+
+    data = [("FREE 5000 cash!", 1), ("see you at home", 0)] * 8
+    cfg = FinetuneConfig(steps=4, batch_size=4, lr=1e-2)
+
+    def run(ema):
+        clf = GPTClassifier(tiny_gpt(), num_classes=2)
+        seen = [clf.head.weight.detach().clone()]  # the weights after each step
+        real = finetune.configure_optimizer
+
+        def recording(model, **kwargs):
+            opt = real(model, **kwargs)
+            step = opt.step
+
+            def stepped(*args, **kw):
+                out = step(*args, **kw)
+                seen.append(clf.head.weight.detach().clone())
+                return out
+
+            opt.step = stepped
+            return opt
+
+        with patch("minigpt.finetune.configure_optimizer", recording):
+            train_classifier(clf, data, encode, replace(cfg, ema=ema))
+        return clf, seen
+
+    plain, path = run(None)
+    averaged, same_path = run(0.5)
+    assert len(path) == 5 and all(torch.equal(a, b) for a, b in zip(path, same_path))
+    assert torch.equal(plain.head.weight, path[-1])  # without ema: the last weights
+    expected = path[0]
+    for w in path[1:]:
+        expected = expected + 0.5 * (w - expected)
+    torch.testing.assert_close(averaged.head.weight, expected)
+    assert not torch.allclose(averaged.head.weight, path[-1])
+    with pytest.raises(ValueError, match="ema"):
+        FinetuneConfig(ema=1.0)
 
 
 def test_confusion_matrix_rows_are_true_labels():

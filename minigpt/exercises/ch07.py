@@ -1,4 +1,4 @@
-"""Chapter 07 exercises: fine-tuning (classification head, loss masking, LoRA)."""
+"""Chapter 07 exercises: fine-tuning (classification head, loss masking, LoRA, scoring a label)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 
 from minigpt.exercises.core import Incorrect, Question, call, close
 
-__all__ = ["q1", "q2", "q3", "q4", "q5"]
+__all__ = ["q1", "q2", "q3", "q4", "q5", "q6"]
 
 
 class LastTokenStates(Question):
@@ -222,8 +222,68 @@ def lora_parameters(layers, rank):
         ]
 
 
+def _text_log_likelihood(logp, idx, lengths):
+    token = logp.gather(-1, idx[..., None]).squeeze(-1)  # (B, T)
+    real = torch.arange(idx.shape[1])[None, :] < lengths[:, None]
+    return (token * real).sum(dim=1)
+
+
+class TextLogLikelihood(Question):
+    name = "q6"
+    _hint = (
+        "logp[b, t] is the distribution over the token at position t (the model read the "
+        "label and x_1 .. x_t-1), so pick logp[b, t, idx[b, t]] with gather on the last "
+        "dim, zero the positions t >= lengths[b] (padding), and sum over t."
+    )
+    _solution = """
+def text_log_likelihood(logp, idx, lengths):
+    token = logp.gather(-1, idx[..., None]).squeeze(-1)  # log p(x_t | label, x_<t), (B, T)
+    real = torch.arange(idx.shape[1])[None, :] < lengths[:, None]  # False at padding
+    return (token * real).sum(dim=1)  # (B,)
+"""
+
+    def _check(self, fn):
+        g = torch.Generator().manual_seed(0)
+        logp = torch.log_softmax(torch.randn(3, 5, 7, generator=g), dim=-1)
+        idx = torch.randint(0, 7, (3, 5), generator=g)
+        lengths = torch.tensor([5, 2, 3])
+        got = call(fn, logp.clone(), idx.clone(), lengths.clone())
+        if not isinstance(got, torch.Tensor):
+            raise Incorrect(f"expected a tensor, got {type(got).__name__}")
+        if tuple(got.shape) != (3,):
+            raise Incorrect(
+                f"expected one log-likelihood per text, shape (3,), got {tuple(got.shape)}"
+            )
+        want = _text_log_likelihood(logp, idx, lengths)
+        for b in range(3):
+            if torch.allclose(got[b], want[b], atol=1e-5):
+                continue
+            every = logp[b].gather(-1, idx[b, :, None]).sum()
+            if torch.allclose(got[b], every, atol=1e-5):
+                raise Incorrect(
+                    f"text {b} has {int(lengths[b])} real tokens, but you also added the "
+                    "padding positions"
+                )
+            if torch.allclose(got[b], want[b] / lengths[b], atol=1e-5):
+                raise Incorrect("that is the mean per token; the log-likelihood is the sum")
+            raise Incorrect(f"text {b}: expected {want[b].item():.4f}, got {got[b].item():.4f}")
+
+    def reference(self):
+        return _text_log_likelihood
+
+    def wrong_answers(self):
+        return [
+            lambda logp, idx, lengths: logp.gather(-1, idx[..., None]).squeeze(-1).sum(1),
+            lambda logp, idx, lengths: _text_log_likelihood(logp, idx, lengths) / lengths,
+            lambda logp, idx, lengths: _text_log_likelihood(  # read one position too late
+                logp[:, 1:], idx[:, :-1], (lengths - 1).clamp(min=0)
+            ),
+        ]
+
+
 q1 = LastTokenStates()
 q2 = MaskedTargets()
 q3 = LoRAForward()
 q4 = MergeLoRA()
 q5 = LoRACount()
+q6 = TextLogLikelihood()
