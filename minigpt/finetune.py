@@ -811,9 +811,7 @@ def _fit(
             best = _evaluate(model, evaluate, len(history["step"]), history, best, True)
     final = best[1] if best is not None else ema  # the best evaluated, or the average
     if final is not None:
-        with torch.no_grad():
-            for p, saved in zip(trainable, final, strict=True):
-                p.copy_(saved)
+        _load_weights(trainable, final)
     model.eval()
     return history
 
@@ -825,15 +823,18 @@ def _weights_swapped_in(params: list[Tensor], weights: list[Tensor] | None) -> I
         yield
         return
     saved = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, w in zip(params, weights, strict=True):
-            p.copy_(w)
+    _load_weights(params, weights)
     try:
         yield
     finally:
-        with torch.no_grad():
-            for p, w in zip(params, saved, strict=True):
-                p.copy_(w)
+        _load_weights(params, saved)
+
+
+@torch.no_grad()
+def _load_weights(params: list[Tensor], weights: list[Tensor]) -> None:
+    """Copy ``weights`` into ``params`` in place, one for one."""
+    for p, w in zip(params, weights, strict=True):
+        p.copy_(w)
 
 
 def _evaluate(

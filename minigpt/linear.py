@@ -27,6 +27,7 @@ Which products go to oneDNN is chosen once per process from the CPU (see
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -47,8 +48,11 @@ _requested: str = "auto"
 _resolved: tuple[bool, bool] | None = None  # (use oneDNN at all, for the weight grad too)
 
 
+@functools.cache
 def _onednn_op():  # type: ignore[no-untyped-def]
-    """``torch.ops.mkldnn._linear_pointwise`` (used by Inductor), or None if absent."""
+    """``torch.ops.mkldnn._linear_pointwise`` (used by Inductor), or None if absent.
+
+    Looked up once per process: ``_mm`` calls it for every product."""
     if not torch.backends.mkldnn.is_available():
         return None
     try:
