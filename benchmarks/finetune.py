@@ -32,18 +32,16 @@ from pathlib import Path
 import torch
 
 from minigpt import GPT
-from minigpt.finetune import (
+from minigpt.classify import (
     BagOfWords,
-    FinetuneConfig,
     GenerativeClassifier,
     GPTClassifier,
     balanced_split,
     evaluate_classifier,
     load_sms_spam,
     load_sst2,
-    resize_token_embeddings,
-    train_classifier,
 )
+from minigpt.finetune import FinetuneConfig, train_classifier
 from minigpt.lora import apply_lora, count_parameters
 from minigpt.tokenizer import CharTokenizer
 
@@ -54,7 +52,7 @@ def load_pretrained(checkpoint: str | None) -> tuple[GPT, list[str]]:
         model = GPT.load(checkpoint)
         tokenizer = CharTokenizer.load(Path(checkpoint) / "tokenizer.json")
     else:
-        from minigpt.train import shakespeare_char_model  # chapter 05's cached model
+        from minigpt.pretrained import shakespeare_char_model  # the cached course model
 
         model, tokenizer = shakespeare_char_model()
     return model, [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
@@ -108,7 +106,7 @@ def main() -> None:
     texts = [t for t, _ in spam + sst_train + sst_dev]
     vocab = vocab + sorted(set("".join(texts)) - set(vocab))
     stoi = {c: i for i, c in enumerate(vocab)}
-    resize_token_embeddings(base, len(vocab))
+    base.resize_vocab(len(vocab))
 
     def encode(text: str) -> list[int]:
         return [stoi[c] for c in text]
@@ -139,12 +137,12 @@ def main() -> None:
         # evaluations on the validation split count in the budget; training ends with
         # the weights that scored best there (early stopping chosen after the fact)
         cfg = FinetuneConfig(
-            steps=max_steps,
+            max_steps=max_steps,
             batch_size=16,
             lr=lr,
             max_length=max_len,
             time_limit=budget,
-            eval_every=args.eval_every,
+            eval_interval=args.eval_every,
             keep_best=True,
             dropout=args.dropout,
             seed=args.seed,

@@ -9,14 +9,16 @@ used names are importable from the top level::
 
 from minigpt.attention import CausalSelfAttention, KVCache, scaled_dot_product_attention
 from minigpt.checkpoint import CheckpointError
+from minigpt.classify import GenerativeClassifier, GPTClassifier
 from minigpt.data import DataError, TokenDataset, load_text, train_val_split
 from minigpt.embeddings import (
     LearnedPositionalEmbedding,
     RotaryEmbedding,
     SinusoidalPositionalEncoding,
 )
-from minigpt.finetune import GenerativeClassifier, GPTClassifier, InstructionCollator
+from minigpt.finetune import FinetuneConfig
 from minigpt.generate import generate, generate_text, sample_next_token, stream
+from minigpt.instruct import InstructionCollator
 from minigpt.lora import LoRALinear, apply_lora, merge_lora
 from minigpt.model import GPT, GPTConfig
 from minigpt.tokenizer import GPT2_PATTERN, BPETokenizer, CharTokenizer
@@ -32,6 +34,7 @@ __all__ = [
     "CharTokenizer",
     "CheckpointError",
     "DataError",
+    "FinetuneConfig",
     "GPTClassifier",
     "GPTConfig",
     "GenerativeClassifier",

@@ -176,8 +176,9 @@ def _datasets(data: dict[str, Any], tokenizer: Any, text: str, block_size: int, 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     import torch
-    import torch.distributed as dist
 
+    from minigpt.checkpoint import latest_checkpoint
+    from minigpt.distributed import teardown_distributed
     from minigpt.model import GPT, GPTConfig
     from minigpt.train import TrainConfig, Trainer
 
@@ -200,9 +201,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
     metadata = {"data": config["data"]}
     out = train_config.out_dir
-    if args.resume and out and (Path(out) / "last").exists():
+    found = latest_checkpoint(out) if args.resume and out else None
+    if found is not None:
         trainer = Trainer.from_checkpoint(
-            out, train_data, val_data, overrides=config["train"], tokenizer=tokenizer
+            found, train_data, val_data, overrides=config["train"], tokenizer=tokenizer
         )
         trainer.metadata = metadata
     else:
@@ -216,18 +218,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"model: {trainer.model.num_parameters():,} parameters; world size {trainer.ddp.world_size}; "
             f"device {trainer.device}; steps {trainer.step} -> {train_config.max_steps}"
         )
+    finished = False
     try:
         history = trainer.train()
-        if trainer.ddp.enabled:
-            # every rank finishes before the group is torn down; a rank that leaves early
-            # can make gloo abort its peer during destroy_process_group
-            dist.barrier()
+        finished = True
     except KeyboardInterrupt as e:
         print(e or "interrupted", file=sys.stderr)
         return 130
     finally:
-        if trainer.ddp.created_group and dist.is_initialized():
-            dist.destroy_process_group()
+        teardown_distributed(trainer.ddp, wait=finished)
     if trainer.ddp.is_main:
         val = history.val_loss[-1] if history.val_loss else float("nan")
         print(
@@ -239,8 +238,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _load_checkpoint(path: str):
+    from minigpt.checkpoint import find_checkpoint
     from minigpt.model import GPT
-    from minigpt.train import find_checkpoint
 
     directory = find_checkpoint(path)
     model = GPT.load(directory).eval()
@@ -268,7 +267,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from minigpt.train import evaluate, read_trainer_state
+    from minigpt.checkpoint import read_trainer_state
+    from minigpt.train import evaluate
 
     directory, model, tokenizer = _load_checkpoint(args.checkpoint)
     state = read_trainer_state(directory)

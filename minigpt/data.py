@@ -34,6 +34,7 @@ import torch
 __all__ = [
     "DATASETS",
     "DataError",
+    "DataFormatError",
     "Dataset",
     "TokenDataset",
     "cache_dir",
@@ -50,6 +51,10 @@ __all__ = [
 
 class DataError(RuntimeError):
     """A dataset could not be found, downloaded or verified."""
+
+
+class DataFormatError(ValueError):
+    """A data file has a row that cannot be parsed; the message names file and line."""
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,11 +30,14 @@ from torch import Tensor, nn
 from minigpt.attention import CausalSelfAttention, KVCache
 from minigpt.checkpoint import (
     CheckpointError,
+    check_float_tensors,
     config_from_dict,
     load_json,
     load_tensors,
     save_json,
     save_tensors,
+    verify_files,
+    write_manifest,
 )
 from minigpt.embeddings import (
     LearnedPositionalEmbedding,
@@ -458,44 +460,28 @@ class GPT(nn.Module):
             state.pop("lm_head.weight")  # the same tensor as wte.weight
         save_tensors(state, directory / "model.safetensors", metadata={"format": "minigpt"})
         save_json(self.config.to_dict(), directory / "config.json")
+        write_manifest(directory)  # sizes and SHA-256s: a damaged file is caught on load
         return directory
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], device: str | torch.device = "cpu") -> GPT:
         """Read a model written by ``save``. Raises ``CheckpointError`` naming a bad file."""
         directory = Path(directory)
+        verify_files(directory, ["config.json", "model.safetensors"])
         model = cls(GPTConfig.from_json(directory / "config.json"))
         state = load_tensors(directory / "model.safetensors", device=device)
         model.load_weights(state, source=directory / "model.safetensors")
         return model.to(device)
 
-    @classmethod
-    def from_pretrained(
-        cls, name_or_path: str | os.PathLike[str], device: str | torch.device = "cpu"
-    ) -> GPT:
-        """Load a GPT-2 checkpoint in Hugging Face format (safetensors only, never pickles).
-
-        ``name_or_path`` is either a local directory holding ``config.json`` and
-        ``model.safetensors`` (what ``GPT2LMHeadModel.save_pretrained`` writes), or
-        a hub name such as ``"gpt2"`` / ``"openai-community/gpt2-medium"``, of which
-        only those two files are downloaded (needs ``huggingface_hub`` and a network).
-
-        OpenAI trained GPT-2 with a ``Conv1D`` layer that stores its weight as
-        (in, out), the transpose of ``nn.Linear``'s (out, in); those four matrices
-        per block are transposed on the way in.
-        """
-        directory = _resolve_pretrained(name_or_path)
-        config = _config_from_hf(load_json(directory / "config.json"), directory / "config.json")
-        weights = directory / "model.safetensors"
-        state = _state_from_hf(load_tensors(weights), config, weights)
-        model = cls(config)
-        model.load_weights(state, source=weights)
-        return model.to(device).eval()
-
     def load_weights(
         self, state: dict[str, Tensor], source: str | os.PathLike[str] = "state dict"
     ) -> None:
-        """Copy weights in, with an error that names missing, unexpected or misshapen tensors."""
+        """Copy weights in, with an error that names missing, unexpected or misshapen tensors.
+
+        Weights must be floating point (a float16 or bfloat16 file is cast to the
+        model's dtype); integer tensors are refused, never silently cast.
+        """
+        check_float_tensors(state, source)
         expected = self.state_dict()
         if self.config.tie_weights:
             expected.pop("lm_head.weight")
@@ -521,112 +507,35 @@ class GPT(nn.Module):
             )
         self.load_state_dict(state, strict=False)
 
+    @torch.no_grad()
+    def resize_vocab(self, vocab_size: int) -> GPT:
+        """Grow the vocabulary to ``vocab_size`` ids, in place; returns the model.
 
-# ---------------------------------------------------------------- GPT-2 checkpoints
+        New embedding rows start at the mean of the existing ones (a neutral token,
+        not a random direction the network never saw). A tied output head follows
+        the embedding; an untied one gets new rows the same way. Shrinking is refused.
+        """
+        old = self.config.vocab_size
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < old:
+            raise ValueError(f"can only grow the vocabulary: got {vocab_size!r}, have {old}")
+        if vocab_size == old:
+            return self
 
-# Conv1D layers whose (in, out) weights must be transposed into nn.Linear's (out, in)
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# causal-mask buffers that older checkpoints saved next to the weights (not parameters;
-# careful: "h.0.attn.c_attn.bias" is a real parameter and must not match)
-_MASK_BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
-# activations that are GPT-2's tanh-approximated GELU under another name
-_TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+        def grow(weight: Tensor) -> Tensor:
+            extra = weight.mean(dim=0, keepdim=True).expand(vocab_size - old, -1)
+            return torch.cat([weight, extra])  # (vocab_size, C)
 
-
-def _resolve_pretrained(name_or_path: str | os.PathLike[str]) -> Path:
-    """A local checkpoint directory, downloading ``name_or_path`` from the hub if it is a name."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        if not (path / "model.safetensors").is_file():
-            if any(path.glob("pytorch_model*.bin")) or any(path.glob("*.pt")):
-                raise CheckpointError(
-                    f"{path} holds only pickled PyTorch weights (pytorch_model.bin), which can run "
-                    "arbitrary code when loaded and are refused here. Convert them once in a "
-                    "trusted environment: GPT2LMHeadModel.from_pretrained(path)"
-                    ".save_pretrained(path, safe_serialization=True) writes model.safetensors"
-                )
-            raise CheckpointError(f"{path} has no model.safetensors (a GPT-2 checkpoint needs it)")
-        if not (path / "config.json").is_file():
-            raise CheckpointError(f"{path} has no config.json (a GPT-2 checkpoint needs it)")
-        return path
-    name = str(name_or_path)
-    looks_like_path = (
-        path.exists() or name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
-    )
-    if looks_like_path:
-        raise CheckpointError(f"no checkpoint directory at {path}")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as e:  # pragma: no cover - huggingface_hub is a dependency
-        raise CheckpointError(
-            f"{name!r} is not a local directory and huggingface_hub is not installed to download "
-            "it: pip install huggingface_hub, or pass a directory with config.json and "
-            "model.safetensors"
-        ) from e
-    try:
-        local = snapshot_download(name, allow_patterns=["config.json", "model.safetensors"])
-    except Exception as e:  # offline, unknown repo, gated repo, ...
-        raise CheckpointError(
-            f"could not download {name!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
-            "Offline? Download config.json and model.safetensors on a connected machine "
-            "and pass their directory instead"
-        ) from e
-    return _resolve_pretrained(local)
-
-
-def _config_from_hf(hf: dict[str, Any], source: Path) -> GPTConfig:
-    """Translate a Hugging Face GPT-2 ``config.json`` into a GPTConfig, refusing what differs."""
-    if hf.get("model_type", "gpt2") != "gpt2":
-        raise CheckpointError(
-            f"{source}: model_type is {hf.get('model_type')!r}; only GPT-2 checkpoints "
-            "(model_type 'gpt2') can be loaded with from_pretrained"
-        )
-    act = hf.get("activation_function", "gelu_new")
-    if act not in _TANH_GELU:
-        raise CheckpointError(
-            f"{source}: activation_function {act!r} is not supported; minigpt's GPT-2 MLP uses "
-            f"the tanh-approximated GELU (one of {_TANH_GELU})"
-        )
-    for flag, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)):
-        if hf.get(flag, ok) != ok:
-            raise CheckpointError(f"{source}: {flag}={hf[flag]} is not supported (needs {ok})")
-    missing = [
-        k for k in ("n_embd", "n_layer", "n_head", "n_positions", "vocab_size") if k not in hf
-    ]
-    if missing:
-        raise CheckpointError(f"{source} lacks {missing}: is it a GPT-2 config.json?")
-    try:
-        return GPTConfig(
-            vocab_size=hf["vocab_size"],
-            block_size=hf["n_positions"],
-            n_layer=hf["n_layer"],
-            n_head=hf["n_head"],
-            n_embd=hf["n_embd"],
-            mlp_hidden=hf.get("n_inner"),
-            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-            tie_weights=hf.get("tie_word_embeddings", True),
-        )
-    except ValueError as e:
-        raise CheckpointError(f"{source} does not describe a valid model: {e}") from e
-
-
-def _state_from_hf(hf: dict[str, Tensor], config: GPTConfig, source: Path) -> dict[str, Tensor]:
-    """Rename a Hugging Face GPT-2 state dict to minigpt's names and transpose Conv1D weights."""
-    state = {}
-    for key, value in hf.items():
-        key = key.removeprefix("transformer.")
-        if _MASK_BUFFER.match(key):
-            continue
-        if key.endswith(_CONV1D):
-            value = value.t()
-        state[key] = value.contiguous()
-    if config.tie_weights and "lm_head.weight" in state:
-        head = state.pop("lm_head.weight")
-        if "wte.weight" in state and not torch.equal(head, state["wte.weight"]):
-            raise CheckpointError(
-                f"{source}: lm_head.weight differs from wte.weight although config.json says "
-                "tie_word_embeddings=true"
-            )
-    if not config.tie_weights and "lm_head.weight" not in state and "wte.weight" in state:
-        raise CheckpointError(f"{source}: tie_word_embeddings=false but there is no lm_head.weight")
-    return state
+        device, dtype = self.wte.weight.device, self.wte.weight.dtype
+        tied = self.lm_head.weight is self.wte.weight
+        wte = nn.Embedding(vocab_size, self.config.n_embd, device=device, dtype=dtype)
+        wte.weight.copy_(grow(self.wte.weight))
+        wte.weight.requires_grad_(self.wte.weight.requires_grad)
+        head = nn.Linear(self.config.n_embd, vocab_size, bias=False, device=device, dtype=dtype)
+        if tied:
+            head.weight = wte.weight
+        else:
+            head.weight.copy_(grow(self.lm_head.weight))
+            head.weight.requires_grad_(self.lm_head.weight.requires_grad)
+        self.wte, self.lm_head = wte, head
+        self.config.vocab_size = vocab_size
+        return self

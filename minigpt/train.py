@@ -1,4 +1,4 @@
-"""Pretraining: the training loop, its schedule, and checkpoints you can resume exactly.
+"""Pretraining: the training loop, evaluation and the loss history.
 
 The pieces, in the order a step uses them:
 
@@ -7,73 +7,77 @@ The pieces, in the order a step uses them:
   step can be recomputed and a resumed run needs no data state;
 - the forward pass and the cross-entropy loss, split into ``grad_accum_steps``
   micro-batches whose gradients add up (a large batch on a small machine);
-- gradient clipping to a maximum global norm;
-- AdamW with weight decay on the matrices only, its learning rate following a
-  linear warmup then a cosine decay (``lr_at``);
+- gradient clipping and AdamW with its learning-rate schedule (``minigpt.optim``);
 - every ``eval_interval`` steps, the mean loss on a fixed set of validation batches,
-  and checkpoints: ``<out_dir>/last`` and ``<out_dir>/best``.
+  and checkpoints: ``<out_dir>/last`` and ``<out_dir>/best`` (``minigpt.checkpoint``
+  owns the folder format, the atomic swap and recovery after a crash).
 
-A checkpoint is a folder: ``model.safetensors`` + ``config.json`` (as ``GPT.save``
-writes them), ``optimizer.safetensors`` (AdamW's moments), ``trainer.json`` (the
-training config, step, best validation loss, loss history and RNG states) and the
-tokenizer when one was given. It is written into a temporary folder and swapped in
-by renames, so a crash leaves the previous checkpoint intact. Resuming restores
-everything that influences the next step, so a run stopped and resumed produces
-the same losses as one that never stopped.
-
-Multi-process training with ``torchrun`` (DDP) is picked up from the environment
+Resuming restores everything that influences the next step, so a run stopped and
+resumed produces the same losses as one that never stopped. Ctrl-C and SIGTERM
+finish the current step and save before stopping. Multi-process training with
+``torchrun`` (DDP, ``minigpt.distributed``) is picked up from the environment
 variables torchrun sets; rank 0 logs and writes checkpoints.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import math
 import os
-import shutil
 import signal
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
 from minigpt.checkpoint import (
+    TRAINER_FORMAT,
+    TRAINER_VERSION,
     CheckpointError,
+    RunLock,
+    check_writable,
+    clean_stale_temporaries,
     config_from_dict,
-    load_json,
+    find_checkpoint,
+    latest_checkpoint,
+    load_optimizer,
     load_tensors,
+    read_trainer_state,
+    rng_state,
     save_json,
-    save_tensors,
+    save_optimizer,
+    set_rng_state,
+    verify_files,
+    write_checkpoint_folder,
 )
 from minigpt.data import TokenDataset
+from minigpt.distributed import (
+    DTYPES,
+    autocast,
+    check_device,
+    pick_device,
+    pick_dtype,
+    setup_distributed,
+)
 from minigpt.model import GPT, GPTConfig
+from minigpt.optim import OptimConfig, clip_grad_norm, configure_optimizer, set_lr
 
 __all__ = [
     "LossHistory",
     "TrainConfig",
     "Trainer",
     "TrainingDivergedError",
-    "adamw_update",
-    "clip_grad_norm",
-    "configure_optimizer",
     "evaluate",
-    "find_checkpoint",
-    "lr_at",
-    "shakespeare_char_history",
-    "shakespeare_char_model",
     "train",
+    "validation_loss",
 ]
-
-TRAINER_FORMAT = "minigpt-trainer"
-TRAINER_VERSION = 1
 
 
 class TrainingDivergedError(RuntimeError):
@@ -84,95 +88,69 @@ class TrainingDivergedError(RuntimeError):
 
 
 @dataclass
-class TrainConfig:
-    """Everything about a training run except the model and the data.
+class TrainConfig(OptimConfig):
+    """Everything about a pretraining run except the model and the data.
+
+    The optimisation settings (``max_steps``, ``batch_size``, ``lr``, ``min_lr``,
+    ``warmup_steps``, ``decay_steps``, ``weight_decay``, ``beta1``, ``beta2``, ``eps``,
+    ``grad_clip``, ``eval_interval``, ``time_limit``, ``seed``) are ``OptimConfig``'s,
+    shared with fine-tuning. With ``eval_interval`` 0 the run evaluates only at the end.
 
     Attributes:
-        max_steps: optimizer steps to take.
-        batch_size: sequences per micro-batch on each process.
         grad_accum_steps: micro-batches whose gradients are summed before one step;
             the global batch is ``batch_size * grad_accum_steps * world_size`` sequences.
-        lr: the peak learning rate, reached after ``warmup_steps``.
-        min_lr: the learning rate at the end of the cosine decay (None = lr / 10).
-        warmup_steps: steps of linear warmup from ~0 to ``lr``.
-        decay_steps: the step where the cosine reaches ``min_lr`` (None = max_steps).
-        weight_decay: AdamW's decoupled weight decay, applied to matrices only.
-        beta1, beta2, eps: AdamW's moment decay rates and epsilon.
-        grad_clip: clip the global gradient norm to this (0 = no clipping).
-        eval_interval: evaluate (and save ``best``) every this many steps, and at the end.
         eval_iters: validation batches per evaluation (always the same batches).
         checkpoint_interval: save ``last`` every this many steps (None = eval_interval).
         out_dir: the run folder for checkpoints (None = no checkpoints).
-        seed: seeds the model's dropout and the choice of batches.
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", "mps".
         dtype: "auto" (bfloat16 autocast on CUDA when supported, else float32),
             "float32", "bfloat16" or "float16" (with a gradient scaler).
         compile: wrap the model in ``torch.compile``.
         fused: use the fused AdamW kernel (None = when available).
-        time_limit: stop after this many seconds (evaluating and saving first), or None.
         progress: show a tqdm progress bar (rank 0 only).
     """
 
-    max_steps: int = 1000
-    batch_size: int = 12
     grad_accum_steps: int = 1
-    lr: float = 1e-3
-    min_lr: float | None = None
-    warmup_steps: int = 100
-    decay_steps: int | None = None
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    eval_interval: int = 100
     eval_iters: int = 20
     checkpoint_interval: int | None = None
     out_dir: str | None = None
-    seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False
     fused: bool | None = None
-    time_limit: float | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum_steps", "eval_interval", "eval_iters"):
+        super().__post_init__()
+        for name in ("grad_accum_steps", "eval_iters"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"TrainConfig.warmup_steps must be >= 0, got {self.warmup_steps!r}")
-        for name in ("decay_steps", "checkpoint_interval"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
+        value = self.checkpoint_interval
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
+            raise ValueError(
+                f"TrainConfig.checkpoint_interval must be a positive integer or None, got {value!r}"
+            )
+        if self.out_dir is not None and not isinstance(self.out_dir, (str, os.PathLike)):
+            raise ValueError(
+                f"TrainConfig.out_dir must be a folder path or None, got {self.out_dir!r}"
+            )
+        if self.out_dir is not None:
+            self.out_dir = os.fspath(self.out_dir)
+        check_device(self.device)
+        if self.dtype not in DTYPES:
+            raise ValueError(
+                f"TrainConfig.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"
+            )
+        for name in ("compile", "progress"):
+            if not isinstance(getattr(self, name), bool):
                 raise ValueError(
-                    f"TrainConfig.{name} must be a positive integer or None, got {value!r}"
+                    f"TrainConfig.{name} must be true or false, got {getattr(self, name)!r}"
                 )
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be positive, got {self.lr}")
-        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"TrainConfig.min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("TrainConfig.weight_decay and grad_clip must be >= 0")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError(f"betas must be in [0, 1), got ({self.beta1}, {self.beta2})")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(
-                f"TrainConfig.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
-            )
-        if self.time_limit is not None and self.time_limit <= 0:
-            raise ValueError(
-                f"TrainConfig.time_limit must be positive or None, got {self.time_limit}"
-            )
-
-    @property
-    def final_lr(self) -> float:
-        return self.lr / 10 if self.min_lr is None else self.min_lr
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        if self.fused is not None and not isinstance(self.fused, bool):
+            raise ValueError(f"TrainConfig.fused must be true, false or null, got {self.fused!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -180,99 +158,7 @@ class TrainConfig:
         return config_from_dict(cls, d)
 
 
-# --------------------------------------------------------------------------- the pieces
-
-
-def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
-    """The learning rate for step ``step`` (0-based): linear warmup, then cosine decay.
-
-    Steps 0 .. warmup_steps-1 rise linearly to ``lr`` ((step + 1) / warmup_steps of it),
-    then the rate follows half a cosine down to ``min_lr`` at ``decay_steps`` and
-    stays there.
-    """
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    if step >= decay_steps:
-        return min_lr
-    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)  # 0 -> 1
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
-
-
-def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> Tensor:
-    """Scale all gradients together so their global L2 norm is at most ``max_norm``.
-
-    Returns the norm before clipping. Same result as ``torch.nn.utils.clip_grad_norm_``:
-    the norm of all gradients seen as one long vector, and a scale of
-    ``max_norm / (norm + 1e-6)`` applied only when it is below 1.
-    """
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return torch.tensor(0.0)
-    norms = torch._foreach_norm(grads)  # one norm per tensor, in one fused call
-    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
-    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    torch._foreach_mul_(grads, scale.to(grads[0].device))
-    return total
-
-
-@torch.no_grad()
-def adamw_update(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    step: int,
-    *,
-    lr: float,
-    beta1: float = 0.9,
-    beta2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.01,
-) -> None:
-    """One AdamW update of ``param`` in place, written out (what ``torch.optim.AdamW`` does).
-
-    ``step`` counts from 1. The moments ``exp_avg`` (m) and ``exp_avg_sq`` (v) are
-    updated in place too:
-
-        param *= 1 - lr * weight_decay                  # decoupled weight decay
-        m = beta1 * m + (1 - beta1) * grad              # running mean of gradients
-        v = beta2 * v + (1 - beta2) * grad²             # running mean of squares
-        param -= lr * (m / (1 - beta1^step)) / (sqrt(v / (1 - beta2^step)) + eps)
-    """
-    param.mul_(1 - lr * weight_decay)
-    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    m_hat = exp_avg / (1 - beta1**step)
-    v_hat = exp_avg_sq / (1 - beta2**step)
-    param.addcdiv_(m_hat, v_hat.sqrt().add_(eps), value=-lr)
-
-
-def configure_optimizer(
-    model: nn.Module,
-    *,
-    lr: float,
-    weight_decay: float,
-    betas: tuple[float, float] = (0.9, 0.95),
-    eps: float = 1e-8,
-    fused: bool | None = None,
-) -> torch.optim.AdamW:
-    """AdamW with two parameter groups: matrices (embeddings, linear weights) decay,
-    vectors (biases, norm gains) do not; shrinking a gain or a bias toward zero does
-    not regularise anything useful. ``fused`` defaults to True when the parameters'
-    device supports the fused kernel.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    if fused is None:
-        device = params[0].device.type if params else "cpu"
-        fused = device in ("cuda", "cpu") and all(p.dtype.is_floating_point for p in params)
-    kwargs: dict[str, Any] = {"fused": True} if fused else {}
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kwargs)
+# --------------------------------------------------------------------------- evaluation
 
 
 @torch.no_grad()
@@ -309,6 +195,41 @@ def evaluate(
         total /= world_size
     model.train(was_training)
     return total.item() / iters
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, ids: Any, batch_size: int = 64) -> float:
+    """Mean cross-entropy over every non-overlapping window of the token ids ``ids``.
+
+    Unlike ``evaluate`` (a sample of random windows), this reads all of a held-out
+    text once: the figure the course model and the time-to-quality benchmark report.
+    ``ids`` is a 1-D array or tensor of token ids, at least one window plus one long.
+    """
+    T = model.config.block_size
+    ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+    n = (len(ids) - 1) // T
+    if n < 1:
+        raise ValueError(f"need at least {T + 1} tokens for one window, got {len(ids)}")
+    device = next(model.parameters()).device
+    x = ids[: n * T].view(n, T)
+    y = ids[1 : n * T + 1].view(n, T)
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for i in range(0, n, batch_size):
+        _, loss = model(x[i : i + batch_size].to(device), y[i : i + batch_size].to(device))
+        total += loss.item() * len(x[i : i + batch_size])
+    model.train(was_training)
+    return total / n
+
+
+def _mix(seed: int, step: int, salt: int = 0) -> int:
+    """A 63-bit seed from (seed, step, salt), different for every combination."""
+    x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + salt * 0x94D049BB133111EB) % (
+        1 << 64
+    )
+    x ^= x >> 31
+    return x % (1 << 63)
 
 
 def _mix(seed: int, step: int, salt: int = 0) -> int:
@@ -373,65 +294,6 @@ class LossHistory:
 # --------------------------------------------------------------------------- the trainer
 
 
-@dataclass
-class _Dist:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    created_group: bool = False
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def _setup_distributed(device_pref: str) -> _Dist:
-    """Join the process group torchrun describes in the environment (if any)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    created = False
-    if not dist.is_initialized():
-        use_cuda = device_pref.startswith("cuda") or (
-            device_pref == "auto" and torch.cuda.is_available()
-        )
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        created = True
-    return _Dist(
-        rank=dist.get_rank(),
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-        world_size=dist.get_world_size(),
-        created_group=created,
-    )
-
-
-def _pick_device(pref: str, ddp: _Dist) -> torch.device:
-    if pref == "auto":
-        pref = "cuda" if torch.cuda.is_available() else "cpu"
-    if pref == "cuda" and ddp.enabled:
-        pref = f"cuda:{ddp.local_rank}"
-    device = torch.device(pref)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(
-                "TrainConfig.device asks for CUDA but no GPU is available; use 'cpu'"
-            )
-        torch.cuda.set_device(device)
-    return device
-
-
-def _pick_dtype(pref: str, device: torch.device) -> torch.dtype:
-    if pref == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[pref]
-
-
 class Trainer:
     """Trains a ``GPT`` on a ``TokenDataset``, with evaluation and checkpoints.
 
@@ -479,9 +341,9 @@ class Trainer:
                 )
         self.train_data, self.val_data = train_data, val_data
         self.tokenizer, self.metadata, self.on_step = tokenizer, dict(metadata or {}), on_step
-        self.ddp = _setup_distributed(config.device)
-        self.device = _pick_device(config.device, self.ddp)
-        self.dtype = _pick_dtype(config.dtype, self.device)
+        self.ddp = setup_distributed(config.device)
+        self.device = pick_device(config.device, self.ddp)
+        self.dtype = pick_dtype(config.dtype, self.device)
         self.model = model.to(self.device)  # the plain model: save/load/sample use this one
         self.optimizer = configure_optimizer(
             self.model,
@@ -499,6 +361,7 @@ class Trainer:
         self.history = LossHistory()
         self._last_saved: tuple[Path, int] | None = None
         self._stop_requested = False
+        self._start_time: float | None = None  # set by train(): the clock the schedule may follow
         # the module that runs forward/backward: maybe compiled, maybe DDP-wrapped
         self._runner: nn.Module = self.model
         if config.compile:
@@ -518,20 +381,15 @@ class Trainer:
         return None if self.config.out_dir is None else Path(self.config.out_dir)
 
     def lr(self, step: int) -> float:
-        """The learning rate of step ``step`` (0-based) under this config."""
-        c = self.config
-        return lr_at(
-            step,
-            lr=c.lr,
-            min_lr=c.final_lr,
-            warmup_steps=c.warmup_steps,
-            decay_steps=c.decay_steps or c.max_steps,
-        )
+        """The learning rate of step ``step`` (0-based): ``minigpt.optim.lr_at`` under this
+        config, following the clock too when ``time_limit`` is set."""
+        fraction = None
+        if self.config.time_limit is not None and self._start_time is not None:
+            fraction = (time.perf_counter() - self._start_time) / self.config.time_limit
+        return self.config.lr_at(step, fraction)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return autocast(self.device, self.dtype)
 
     def evaluate(self, data: TokenDataset | None = None) -> float:
         """Mean loss on ``eval_iters`` fixed batches of ``data`` (default: the validation data)."""
@@ -556,8 +414,7 @@ class Trainer:
         """Take one optimizer step; returns its training loss (mean over the global batch)."""
         c, s = self.config, self.step
         lr = self.lr(s)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
         B, A, W = c.batch_size, c.grad_accum_steps, self.ddp.world_size
         # Every rank draws the same global batch and takes its own rows: the data of
         # a step depends only on (seed, step), whatever the number of processes.
@@ -618,7 +475,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         ckpt_every = c.checkpoint_interval or c.eval_interval
-        start = time.perf_counter()
+        start = self._start_time = time.perf_counter()
         bar = tqdm(
             total=c.max_steps,
             initial=self.step,
@@ -626,7 +483,7 @@ class Trainer:
             disable=not (c.progress and self.ddp.is_main),
             dynamic_ncols=True,
         )
-        with bar, self._catch_ctrl_c():
+        with bar, self._run_folder(), self._catch_ctrl_c():
             while self.step < c.max_steps:
                 loss = self.train_step()
                 bar.update(1)
@@ -635,7 +492,8 @@ class Trainer:
                     c.time_limit is not None and time.perf_counter() - start > c.time_limit
                 )
                 last = self.step == c.max_steps or out_of_time
-                if self.val_data is not None and (self.step % c.eval_interval == 0 or last):
+                due = c.eval_interval > 0 and self.step % c.eval_interval == 0
+                if self.val_data is not None and (due or last):
                     val = self.evaluate()
                     train_eval = self.evaluate(self.train_data)
                     self.history.eval_steps.append(self.step)
@@ -647,7 +505,7 @@ class Trainer:
                 if self.history.val_loss:
                     postfix["val"] = f"{self.history.val_loss[-1]:.4f}"
                 bar.set_postfix(postfix, refresh=False)
-                if self.step % ckpt_every == 0 or last:
+                if (ckpt_every > 0 and self.step % ckpt_every == 0) or last:
                     self.save_checkpoint("last")
                 if self.on_step is not None:
                     self.on_step(self)
@@ -660,27 +518,41 @@ class Trainer:
         return self.history
 
     @contextlib.contextmanager
+    def _run_folder(self):
+        """Hold the run folder's lock while training; first check that checkpoints can be
+        written there, finish a save a kill interrupted and remove its temporary files."""
+        if self.out_dir is None or not self.ddp.is_main:
+            yield
+            return
+        with RunLock(self.out_dir):
+            check_writable(self.out_dir)
+            for name in ("last", "best"):
+                latest_checkpoint(self.out_dir, name)  # renames a .NAME.old back if needed
+            clean_stale_temporaries(self.out_dir)
+            yield
+
+    @contextlib.contextmanager
     def _catch_ctrl_c(self):
-        """Turn the first Ctrl-C into a request to stop after the current step."""
+        """Turn the first Ctrl-C (or SIGTERM) into a request to stop after the current step."""
         self._stop_requested = False
         if threading.current_thread() is not threading.main_thread():
             yield
             return
 
         def handler(signum, frame):
-            if self._stop_requested:  # a second Ctrl-C: stop right now
+            if self._stop_requested:  # a second signal: stop right now
                 raise KeyboardInterrupt
             self._stop_requested = True
             if self.ddp.is_main:
-                print(
-                    "\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to abort)"
-                )
+                what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+                print(f"\n{what}: finishing this step and saving a checkpoint (again to abort)")
 
-        previous = signal.signal(signal.SIGINT, handler)
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for s, h in previous.items():
+                signal.signal(s, h)
 
     def _should_stop(self) -> bool:
         if not self.ddp.enabled:
@@ -697,13 +569,7 @@ class Trainer:
             return None
         final = self.out_dir / name
         if self.ddp.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=self.out_dir))
-            try:
-                self._write_checkpoint(tmp)
-                _swap_in(tmp, final)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+            write_checkpoint_folder(final, self._write_checkpoint)
         if self.ddp.enabled:
             dist.barrier()
         if name == "last":
@@ -712,10 +578,7 @@ class Trainer:
 
     def _write_checkpoint(self, directory: Path) -> None:
         self.model.save(directory)
-        opt = self.optimizer.state_dict()
-        tensors = {f"{i}.{k}": v for i, st in opt["state"].items() for k, v in st.items()}
-        save_tensors(tensors, directory / "optimizer.safetensors", metadata={"format": "minigpt"})
-        groups = [{k: v for k, v in g.items()} for g in opt["param_groups"]]
+        groups = save_optimizer(self.optimizer, directory)
         if self.tokenizer is not None and hasattr(self.tokenizer, "save"):
             self.tokenizer.save(directory / "tokenizer.json")
         state = {
@@ -727,18 +590,13 @@ class Trainer:
             "history": self.history.to_dict(),
             "optimizer_param_groups": groups,
             "grad_scaler": self.scaler.state_dict(),
-            "rng": {
-                "torch": _b64(torch.get_rng_state()),
-                "cuda": [_b64(s) for s in torch.cuda.get_rng_state_all()]
-                if torch.cuda.is_available()
-                else [],
-            },
+            "rng": rng_state(),
             # batches are a function of (seed, step): the next step's data is fixed by these
             "data": {"seed": self.config.seed, "next_step": self.step},
             "world_size": self.ddp.world_size,
             "metadata": self.metadata,
         }
-        save_json(state, directory / "trainer.json")  # written last: marks the folder complete
+        save_json(state, directory / "trainer.json")
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> Path:
         """Restore model, optimizer, step, history and RNG states from a checkpoint.
@@ -748,36 +606,24 @@ class Trainer:
         """
         directory = find_checkpoint(path)
         state = read_trainer_state(directory)
+        verify_files(directory, ["config.json", "model.safetensors"])
         config = GPTConfig.from_json(directory / "config.json")
         if config != self.model.config:
             raise CheckpointError(
                 f"{directory / 'config.json'} describes a different model than the one being "
                 f"trained: {config} vs {self.model.config}"
             )
-        weights = load_tensors(directory / "model.safetensors", device=self.device)
-        self.model.load_weights(weights, source=directory / "model.safetensors")
-        tensors = load_tensors(directory / "optimizer.safetensors", device=self.device)
-        opt_state: dict[int, dict[str, Tensor]] = {}
-        for key, value in tensors.items():
-            i, _, name = key.partition(".")
-            opt_state.setdefault(int(i), {})[name] = value
-        try:
-            groups = state["optimizer_param_groups"]
-            self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-        except (KeyError, ValueError, TypeError, RuntimeError) as e:
-            raise CheckpointError(
-                f"{directory / 'optimizer.safetensors'} does not fit this model's optimizer: {e}"
-            ) from e
+        weights_file = directory / "model.safetensors"
+        self.model.load_weights(load_tensors(weights_file, device=self.device), source=weights_file)
+        load_optimizer(
+            self.optimizer, directory, state["optimizer_param_groups"], device=self.device
+        )
         self.scaler.load_state_dict(state.get("grad_scaler") or {})
         self.step = int(state["step"])
         best = state.get("best_val_loss")
         self.best_val_loss = math.inf if best is None else float(best)
         self.history = LossHistory.from_dict(state["history"])
-        torch.set_rng_state(_unb64(state["rng"]["torch"]))
-        if torch.cuda.is_available() and state["rng"].get("cuda"):
-            cuda_states = [_unb64(s) for s in state["rng"]["cuda"]]
-            if len(cuda_states) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(cuda_states)
+        set_rng_state(state["rng"])
         self._last_saved = (directory, self.step)
         return directory
 
@@ -819,59 +665,6 @@ class Trainer:
         return trainer
 
 
-def _b64(t: Tensor) -> str:
-    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
-
-
-def _unb64(s: str) -> Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
-
-
-def _swap_in(tmp: Path, final: Path) -> None:
-    """Replace folder ``final`` by ``tmp`` with renames; the old one survives until the new is in."""
-    old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def find_checkpoint(path: str | os.PathLike[str]) -> Path:
-    """The checkpoint folder for ``path``: the folder itself, or ``<run>/last`` for a run folder."""
-    path = Path(path)
-    if (path / "trainer.json").is_file() or (path / "model.safetensors").is_file():
-        return path
-    for candidate in (path / "last", path / ".last.old"):  # .old: a crash mid-swap
-        if (candidate / "trainer.json").is_file():
-            return candidate
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    raise CheckpointError(
-        f"{path} holds no checkpoint: expected trainer.json and model.safetensors in it or in {path / 'last'}"
-    )
-
-
-def read_trainer_state(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and check ``trainer.json`` of a checkpoint folder."""
-    file = Path(directory) / "trainer.json"
-    state = load_json(file)
-    if not isinstance(state, dict) or state.get("format") != TRAINER_FORMAT:
-        raise CheckpointError(f"{file} is not a minigpt trainer state (format {TRAINER_FORMAT!r})")
-    if state.get("version") != TRAINER_VERSION:
-        raise CheckpointError(
-            f"{file} has trainer state version {state.get('version')}; this minigpt reads {TRAINER_VERSION}"
-        )
-    missing = [
-        k
-        for k in ("step", "train_config", "history", "rng", "optimizer_param_groups")
-        if k not in state
-    ]
-    if missing:
-        raise CheckpointError(f"{file} is missing {missing} (truncated or corrupt?)")
-    return state
-
-
 def train(
     model: GPT,
     train_data: TokenDataset,
@@ -888,134 +681,8 @@ def train(
     from it (the model's weights are replaced by the checkpoint's).
     """
     trainer = Trainer(model, train_data, val_data, config, tokenizer=tokenizer, metadata=metadata)
-    if resume and trainer.out_dir is not None and (trainer.out_dir / "last").exists():
-        trainer.load_checkpoint(trainer.out_dir)  # a corrupt checkpoint raises, never ignored
+    if resume and trainer.out_dir is not None:
+        found = latest_checkpoint(trainer.out_dir)  # also where a kill mid-save left it
+        if found is not None:
+            trainer.load_checkpoint(found)  # a corrupt checkpoint raises, never ignored
     return trainer.train()
-
-
-# --------------------------------------------------------------------------- a pretrained model
-
-# A small character-level GPT on Tiny Shakespeare: about two minutes on two CPU cores.
-# Later chapters (sampling, fine-tuning) start from it instead of training their own.
-# Many small steps beat few large ones at this budget: 1600 steps of 12 x 64 tokens
-# reach a validation loss of about 1.87, 600 steps of 16 x 128 (more tokens) only 2.04.
-# Context 128, not 64: chapter 07 fine-tunes this model on SMS messages and short
-# instructions, which need the longer window. 6 x 128 = the same tokens per step.
-SHAKESPEARE_CHAR_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.0)
-SHAKESPEARE_CHAR_TRAIN = dict(
-    batch_size=6,
-    lr=2e-3,
-    min_lr=2e-4,
-    warmup_steps=100,
-    weight_decay=0.1,
-    beta2=0.99,
-    grad_clip=1.0,
-    eval_iters=10,
-)
-
-
-def _shakespeare_char_dir(cache_dir: str | os.PathLike[str] | None, steps: int, seed: int) -> Path:
-    import hashlib
-    import json
-
-    from minigpt.data import cache_dir as default_cache_dir
-
-    recipe = json.dumps(
-        {
-            "model": SHAKESPEARE_CHAR_MODEL,
-            "train": SHAKESPEARE_CHAR_TRAIN,
-            "steps": steps,
-            "seed": seed,
-        },
-        sort_keys=True,
-    )
-    digest = hashlib.sha256(recipe.encode()).hexdigest()[:12]
-    return Path(cache_dir or default_cache_dir()) / "models" / f"shakespeare-char-{digest}"
-
-
-def shakespeare_char_model(
-    cache_dir: str | os.PathLike[str] | None = None,
-    *,
-    steps: int = 1600,
-    seed: int = 0,
-    progress: bool = False,
-) -> tuple[GPT, Any]:
-    """A character-level GPT pretrained on Tiny Shakespeare, and its ``CharTokenizer``.
-
-    The first call trains it (4 layers, 128 wide, context 128, ``steps`` steps of 6
-    sequences: about three minutes on one CPU core, validation loss about 1.9 on
-    the last 10% of the text) and saves it under
-    ``<cache_dir>/models/shakespeare-char-<recipe hash>/``; later calls load it.
-    ``cache_dir`` defaults to ``minigpt.data.cache_dir()``. Training is seeded, so a
-    given recipe gives the same model on the same machine. The model is returned
-    in eval mode on the CPU. ``shakespeare_char_history`` gives its loss curves.
-    """
-    from minigpt.tokenizer import CharTokenizer
-
-    folder = _shakespeare_char_dir(cache_dir, steps, seed)
-    if not (folder / "history.json").is_file():
-        _train_shakespeare_char(folder, steps=steps, seed=seed, progress=progress)
-    model = GPT.load(folder)
-    try:
-        tokenizer = CharTokenizer.load(folder / "tokenizer.json")
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{folder / 'tokenizer.json'} is not a valid tokenizer: {e}") from e
-    return model.eval(), tokenizer
-
-
-def shakespeare_char_history(
-    cache_dir: str | os.PathLike[str] | None = None, *, steps: int = 1600, seed: int = 0
-) -> LossHistory:
-    """The loss history of ``shakespeare_char_model`` (training it first if needed)."""
-    folder = _shakespeare_char_dir(cache_dir, steps, seed)
-    if not (folder / "history.json").is_file():
-        shakespeare_char_model(cache_dir, steps=steps, seed=seed)
-    return LossHistory.from_dict(load_json(folder / "history.json"))
-
-
-def _train_shakespeare_char(folder: Path, *, steps: int, seed: int, progress: bool) -> None:
-    from minigpt.data import cached_tokens, load_text, train_val_split
-    from minigpt.tokenizer import CharTokenizer
-
-    text = load_text("tinyshakespeare")
-    tokenizer = CharTokenizer.fit(text)
-    ids = cached_tokens(
-        text,
-        tokenizer.encode,
-        vocab_size=tokenizer.vocab_size,
-        key="char",
-        directory=folder.parent.parent,
-        progress=progress,
-    )
-    train_ids, val_ids = train_val_split(ids, 0.1)
-    mc = GPTConfig(vocab_size=tokenizer.vocab_size, **SHAKESPEARE_CHAR_MODEL)
-    tc = TrainConfig(
-        max_steps=steps,
-        eval_interval=max(1, steps // 6),
-        seed=seed,
-        device="cpu",
-        progress=progress,
-        **SHAKESPEARE_CHAR_TRAIN,
-    )
-    torch.manual_seed(seed)
-    model = GPT(mc)
-    trainer = Trainer(
-        model,
-        TokenDataset(train_ids, mc.block_size),
-        TokenDataset(val_ids, mc.block_size),
-        tc,
-    )
-    history = trainer.train()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
-        model.save(tmp)
-        tokenizer.save(tmp / "tokenizer.json")
-        save_json(history.to_dict(), tmp / "history.json")  # written last: marks it complete
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if not (folder / "history.json").is_file():  # not just another process finishing first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -12,28 +12,27 @@ import torch
 import torch.nn.functional as F
 
 from minigpt import GPT, GPTConfig
-from minigpt.finetune import (
+from minigpt.classify import (
     IGNORE_INDEX,
     BagOfWords,
     DataFormatError,
-    FinetuneConfig,
     GenerativeClassifier,
     GPTClassifier,
-    InstructionCollator,
-    InstructionExample,
     balanced_split,
     confusion_matrix,
     encode_texts,
     evaluate_classifier,
+    load_sms_spam,
+    load_sst2,
+)
+from minigpt.finetune import FinetuneConfig, train_classifier, train_instructions
+from minigpt.instruct import (
+    InstructionCollator,
+    InstructionExample,
     format_prompt,
     instruction_loss,
     load_instructions,
-    load_sms_spam,
-    load_sst2,
-    resize_token_embeddings,
     tokenize_instruction,
-    train_classifier,
-    train_instructions,
 )
 
 VOCAB = sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,!?:#'\"\n-£"))
@@ -210,7 +209,7 @@ def test_training_the_head_only_leaves_frozen_parameters_unchanged():
     trained = {n: p.detach().clone() for n, p in clf.named_parameters() if p.requires_grad}
     data = [("FREE 5000 cash!", 1), ("see you at home", 0)] * 8
     train_classifier(
-        clf, data, encode, FinetuneConfig(steps=3, batch_size=4, lr=1e-2, weight_decay=0.1)
+        clf, data, encode, FinetuneConfig(max_steps=3, batch_size=4, lr=1e-2, weight_decay=0.1)
     )
     now = dict(clf.named_parameters())
     for name, before in frozen.items():
@@ -226,7 +225,11 @@ def test_classifier_learns_an_easy_task():
     clf = GPTClassifier(tiny_gpt(), num_classes=2)
     acc_before, _ = evaluate_classifier(clf, data, encode)
     history = train_classifier(
-        clf, data, encode, FinetuneConfig(steps=40, batch_size=8, lr=3e-3, eval_every=20), val=data
+        clf,
+        data,
+        encode,
+        FinetuneConfig(max_steps=40, batch_size=8, lr=3e-3, eval_interval=20),
+        val=data,
     )
     acc, preds = evaluate_classifier(clf, data, encode, batch_size=7)
     assert acc == 1.0 and acc_before < 1.0
@@ -244,7 +247,7 @@ def test_keep_best_ends_with_the_best_evaluated_weights():
         snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
         return next(scores), None
 
-    cfg = FinetuneConfig(steps=15, batch_size=4, lr=3e-3, eval_every=4, keep_best=True)
+    cfg = FinetuneConfig(max_steps=15, batch_size=4, lr=3e-3, eval_interval=4, keep_best=True)
     with patch("minigpt.finetune.evaluate_classifier", fake_accuracy):
         history = train_classifier(clf, data, encode, cfg, val=data)
     assert history["eval_step"] == [4, 8, 12, 15]  # the last step is evaluated too
@@ -308,8 +311,23 @@ def test_generative_classifier_loss_is_the_language_model_loss_after_the_label()
         clf(idx, torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="num_classes"):
         GenerativeClassifier(tiny_gpt(), num_classes=1)
-    with pytest.raises(ValueError, match="language-model head"):
-        GenerativeClassifier(GPTClassifier(tiny_gpt(), 2).gpt, 2)
+
+
+def test_a_classifier_leaves_its_backbone_a_whole_gpt(tmp_path):
+    """The classifier reads GPT.hidden_states: the backbone keeps its head, saves,
+    loads and generates as any GPT."""
+    clf = GPTClassifier(tiny_gpt(), 2)
+    assert isinstance(clf.gpt.lm_head, torch.nn.Linear)
+    clf.gpt.save(tmp_path / "backbone")
+    again = GPT.load(tmp_path / "backbone")
+    for a, b in zip(clf.gpt.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert len(clf.gpt.new_kv_cache(1)) == clf.gpt.config.n_layer
+    idx = torch.tensor([encode("see you")])
+    torch.testing.assert_close(
+        clf(idx), clf.head(clf.gpt.hidden_states(idx)[:, -1]), atol=1e-6, rtol=1e-6
+    )
+    GenerativeClassifier(clf.gpt, 2)  # the backbone is still a language model
 
 
 def test_generative_classifier_learns_an_easy_task():
@@ -317,7 +335,7 @@ def test_generative_classifier_learns_an_easy_task():
     ham = [(f"see you at {w} tonight", 0) for w in ("home", "work", "class", "lunch", "the", "pub")]
     data = spam + ham * 2
     clf = GenerativeClassifier(tiny_gpt(), num_classes=2)
-    cfg = FinetuneConfig(steps=40, batch_size=8, lr=3e-3, dropout=0.1)
+    cfg = FinetuneConfig(max_steps=40, batch_size=8, lr=3e-3, dropout=0.1)
     history = train_classifier(clf, data, encode, cfg)
     assert clf.gpt.config.dropout == 0.1 and clf.gpt.h[0].attn.dropout == 0.1
     acc, _ = evaluate_classifier(clf, data, encode, batch_size=5)
@@ -347,7 +365,7 @@ def test_ema_returns_the_moving_average_of_the_weights():
     from minigpt import finetune
 
     data = [("FREE 5000 cash!", 1), ("see you at home", 0)] * 8
-    cfg = FinetuneConfig(steps=4, batch_size=4, lr=1e-2)
+    cfg = FinetuneConfig(max_steps=4, batch_size=4, lr=1e-2)
 
     def run(ema):
         clf = GPTClassifier(tiny_gpt(), num_classes=2)
@@ -393,7 +411,7 @@ def test_resize_token_embeddings_keeps_old_rows_and_the_tie():
     old = model.wte.weight.detach().clone()
     idx = torch.randint(0, 30, (2, 10))
     before, _ = model(idx)
-    resize_token_embeddings(model, 34)
+    model.resize_vocab(34)
     assert model.config.vocab_size == 34 and model.wte.weight.shape == (34, 64)
     assert model.lm_head.weight is model.wte.weight
     torch.testing.assert_close(model.wte.weight[:30], old)
@@ -402,7 +420,7 @@ def test_resize_token_embeddings_keeps_old_rows_and_the_tie():
     torch.testing.assert_close(after[..., :30], before)
     model(torch.tensor([[33, 1]]))  # the new ids are accepted
     with pytest.raises(ValueError, match="grow"):
-        resize_token_embeddings(model, 10)
+        model.resize_vocab(10)
 
 
 # --------------------------------------------------------------------------- instructions
@@ -476,7 +494,11 @@ def test_instruction_tuning_lowers_the_response_loss():
     batch = collate([tokenize_instruction(ex, encode) for ex in examples])
     before = instruction_loss(model, *batch).item()
     history = train_instructions(
-        model, examples, encode, FinetuneConfig(steps=30, batch_size=4, lr=3e-3), collator=collate
+        model,
+        examples,
+        encode,
+        FinetuneConfig(max_steps=30, batch_size=4, lr=3e-3),
+        collator=collate,
     )
     after = instruction_loss(model, *batch).item()
     assert len(history["loss"]) == 30 and after < 0.5 * before
@@ -504,7 +526,7 @@ def test_training_needs_something_trainable_and_a_valid_config():
     for p in clf.parameters():
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
-        train_classifier(clf, [("a", 0), ("b", 1)], encode, FinetuneConfig(steps=1))
+        train_classifier(clf, [("a", 0), ("b", 1)], encode, FinetuneConfig(max_steps=1))
     with pytest.raises(ValueError, match="lr"):
         FinetuneConfig(lr=0)
 

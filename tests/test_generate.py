@@ -22,6 +22,7 @@ from minigpt.generate import (
     top_k_filter,
     top_p_filter,
 )
+from minigpt.pretrained import from_pretrained
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -433,7 +434,7 @@ def test_greedy_equals_transformers_gpt2(tmp_path):
     )  # fmt: skip
     hf = GPT2LMHeadModel(hf_config).eval()
     hf.save_pretrained(tmp_path)  # config.json + model.safetensors
-    model = GPT.from_pretrained(tmp_path)
+    model = from_pretrained(tmp_path)
     idx = torch.randint(2, 97, (3, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         theirs = hf.generate(

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from minigpt import GPT, GPTConfig
-from minigpt.finetune import GPTClassifier
+from minigpt.classify import GPTClassifier
 from minigpt.lora import LoRALinear, apply_lora, count_parameters, lora_modules, merge_lora
 
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from minigpt import GPT, GPTConfig
 from minigpt.checkpoint import CheckpointError
+from minigpt.pretrained import from_pretrained
 
 transformers = pytest.importorskip("transformers")
 transformers.utils.logging.disable_progress_bar()  # save_pretrained's bar goes to stderr
@@ -49,7 +50,7 @@ def greedy(step, idx, n_new):
 
 def test_from_pretrained_matches_transformers(tmp_path):
     hf = hf_gpt2(tmp_path)
-    ours = GPT.from_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path)
     assert not ours.training, "from_pretrained returns a model ready for inference"
     assert ours.config.block_size == 48 and ours.config.vocab_size == 101
     idx = torch.randint(0, 101, (3, 40), generator=torch.Generator().manual_seed(1))
@@ -65,7 +66,7 @@ def test_from_pretrained_matches_transformers(tmp_path):
 
 def test_loss_matches_transformers(tmp_path):
     hf = hf_gpt2(tmp_path)
-    ours = GPT.from_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path)
     idx = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         # HF shifts labels inside the model; minigpt takes the next tokens as targets
@@ -85,7 +86,7 @@ def test_openai_layout_without_prefix_and_with_mask_buffers(tmp_path):
         renamed[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
     renamed["lm_head.weight"] = renamed["wte.weight"].clone()  # an explicit tied head
     save_file(renamed, tmp_path / "model.safetensors")
-    ours = GPT.from_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path)
     idx = torch.randint(0, 101, (1, 48), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx)[0], hf(idx).logits, atol=1e-5, rtol=1e-5)
@@ -93,7 +94,7 @@ def test_openai_layout_without_prefix_and_with_mask_buffers(tmp_path):
 
 def test_untied_head_and_custom_inner_width(tmp_path):
     hf = hf_gpt2(tmp_path, tie_word_embeddings=False, n_inner=80, layer_norm_epsilon=1e-6)
-    ours = GPT.from_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path)
     assert not ours.config.tie_weights and ours.config.mlp_hidden == 80
     assert ours.config.norm_eps == 1e-6
     idx = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(4))
@@ -108,7 +109,7 @@ def test_pickled_checkpoints_are_refused(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     torch.save(state, tmp_path / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="pickled"):
-        GPT.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
 
 
 def test_unsupported_or_broken_configs_are_refused(tmp_path):
@@ -121,29 +122,29 @@ def test_unsupported_or_broken_configs_are_refused(tmp_path):
 
     with_config(activation_function="relu")
     with pytest.raises(CheckpointError, match="activation_function 'relu'"):
-        GPT.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
     with_config(scale_attn_by_inverse_layer_idx=True)
     with pytest.raises(CheckpointError, match="scale_attn_by_inverse_layer_idx"):
-        GPT.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
     with_config(model_type="llama")
     with pytest.raises(CheckpointError, match="only GPT-2"):
-        GPT.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
     with_config(n_embd=50)  # weights no longer fit, and 50 is not divisible by 4 heads
     with pytest.raises(CheckpointError, match="divisible by n_head"):
-        GPT.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
     with_config(n_layer=2)  # one block too many in the file
     with pytest.raises(CheckpointError, match=r"unexpected \['h\.2\."):
-        GPT.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
     config_path.unlink()
     with pytest.raises(CheckpointError, match="no config.json"):
-        GPT.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
 
 
 def test_missing_directory_and_offline_hub_give_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="no checkpoint directory"):
-        GPT.from_pretrained(tmp_path / "nope")
+        from_pretrained(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="no model.safetensors"):
-        GPT.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
 
     import huggingface_hub
 
@@ -155,7 +156,7 @@ def test_missing_directory_and_offline_hub_give_clear_errors(tmp_path, monkeypat
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(CheckpointError, match="could not download 'gpt2'.*Offline"):
-        GPT.from_pretrained("gpt2")
+        from_pretrained("gpt2")
     assert asked["repo_id"] == "gpt2"
     assert sorted(asked["allow_patterns"]) == ["config.json", "model.safetensors"]
 
@@ -165,13 +166,13 @@ def test_hub_download_goes_through_the_local_loader(tmp_path, monkeypatch):
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: tmp_path / "snapshot")
-    ours = GPT.from_pretrained("openai-community/gpt2")
+    ours = from_pretrained("openai-community/gpt2")
     assert ours.num_parameters() == hf.num_parameters()
 
 
 def test_save_load_after_from_pretrained_is_bitwise(tmp_path):
     hf_gpt2(tmp_path / "hf")
-    model = GPT.from_pretrained(tmp_path / "hf")
+    model = from_pretrained(tmp_path / "hf")
     model.save(tmp_path / "mine")
     loaded = GPT.load(tmp_path / "mine")
     assert loaded.config == model.config
@@ -183,7 +184,7 @@ def test_save_load_after_from_pretrained_is_bitwise(tmp_path):
 
 def test_too_long_input_names_the_context(tmp_path):
     hf_gpt2(tmp_path)
-    model = GPT.from_pretrained(tmp_path)
+    model = from_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"49 tokens is longer .*block_size=48.*last 48"):
         model(torch.zeros(1, 49, dtype=torch.long))
 

@@ -20,16 +20,8 @@ import torch
 from minigpt.checkpoint import CheckpointError
 from minigpt.data import TokenDataset, cached_tokens, encode_to_file, load_tokens, train_val_split
 from minigpt.model import GPT, GPTConfig
-from minigpt.train import (
-    TrainConfig,
-    Trainer,
-    TrainingDivergedError,
-    adamw_update,
-    clip_grad_norm,
-    configure_optimizer,
-    lr_at,
-    train,
-)
+from minigpt.optim import adamw_update, clip_grad_norm, configure_optimizer, lr_at
+from minigpt.train import TrainConfig, Trainer, TrainingDivergedError, train
 
 REPO = Path(__file__).resolve().parents[1]
 V, T = 32, 8
@@ -323,7 +315,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
 
 
 def test_shakespeare_char_model_trains_once_then_loads(tmp_path, monkeypatch, data_dir):
-    import minigpt.train as mt
+    import minigpt.pretrained as mt
 
     model, tok = mt.shakespeare_char_model(tmp_path, steps=2)
     assert isinstance(model, GPT) and not model.training
@@ -337,9 +329,10 @@ def test_shakespeare_char_model_trains_once_then_loads(tmp_path, monkeypatch, da
     def no_training(*args, **kwargs):
         raise AssertionError("the cached model should have been loaded")
 
-    monkeypatch.setattr(mt, "_train_shakespeare_char", no_training)
+    monkeypatch.setattr(mt, "_train", no_training)
     again, _ = mt.shakespeare_char_model(tmp_path, steps=2)
     for a, b in zip(model.parameters(), again.parameters()):
         torch.testing.assert_close(a, b)
-    history = mt.shakespeare_char_history(tmp_path, steps=2)
+    history, full_val = mt.shakespeare_char_history(tmp_path, steps=2)
     assert history.steps == [1, 2] and len(history.val_loss) == 2
+    assert math.isfinite(full_val) and 3.0 < full_val < 5.0  # 2 steps: about ln(65)

@@ -1,0 +1,134 @@
+"""Where a run computes: the device, the number format, and the processes of a DDP run.
+
+- ``pick_device("auto")`` is CUDA when a GPU is there, else the CPU; ``pick_dtype``
+  chooses bfloat16 autocast on GPUs that support it (float16 with a gradient scaler
+  on older ones) and float32 on the CPU; ``autocast(device, dtype)`` is the context.
+- ``setup_distributed`` joins the process group that ``torchrun`` describes in its
+  environment variables (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ...) and returns a
+  ``DistInfo``; ``teardown_distributed`` waits for every rank and leaves the group.
+  One process (``world_size == 1``) needs neither and gets a ``DistInfo()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DEVICES",
+    "DTYPES",
+    "DistInfo",
+    "autocast",
+    "check_device",
+    "pick_device",
+    "pick_dtype",
+    "setup_distributed",
+    "teardown_distributed",
+]
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda", "mps")  # "cuda:N" too
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in a run: its rank, its GPU index and the number of processes."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    created_group: bool = False  # this process created the group, so it destroys it
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def check_device(pref: str) -> None:
+    """Raise a ValueError unless ``pref`` names a device kind minigpt can train on."""
+    kind, _, index = str(pref).partition(":")
+    if not isinstance(pref, str) or kind not in DEVICES or (index and not index.isdigit()):
+        raise ValueError(f"device must be one of {', '.join(DEVICES)} or 'cuda:N', got {pref!r}")
+
+
+def setup_distributed(device_pref: str = "auto") -> DistInfo:
+    """Join the process group torchrun describes in the environment (if any)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    created = False
+    if not dist.is_initialized():
+        use_cuda = device_pref.startswith("cuda") or (
+            device_pref == "auto" and torch.cuda.is_available()
+        )
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        created = True
+    return DistInfo(
+        rank=dist.get_rank(),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        world_size=dist.get_world_size(),
+        created_group=created,
+    )
+
+
+def teardown_distributed(info: DistInfo, *, wait: bool = True) -> None:
+    """Leave the process group that ``setup_distributed`` created.
+
+    With ``wait``, every rank first meets at a barrier: a rank that leaves early can
+    make gloo abort its peer during ``destroy_process_group``.
+    """
+    if not (info.enabled and dist.is_initialized()):
+        return
+    if wait:
+        dist.barrier()
+    if info.created_group:
+        dist.destroy_process_group()
+
+
+def pick_device(pref: str, info: DistInfo | None = None) -> torch.device:
+    """The ``torch.device`` for ``pref`` ("auto", "cpu", "cuda", "cuda:1", "mps").
+
+    In a DDP run "cuda" means this process's GPU, ``cuda:<local_rank>``.
+    """
+    check_device(pref)
+    info = info or DistInfo()
+    if pref == "auto":
+        pref = "cuda" if torch.cuda.is_available() else "cpu"
+    if pref == "cuda" and info.enabled:
+        pref = f"cuda:{info.local_rank}"
+    device = torch.device(pref)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                "the config asks for device 'cuda' but no GPU is available; use 'cpu'"
+            )
+        torch.cuda.set_device(device)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("the config asks for device 'mps' but MPS is not available; use 'cpu'")
+    return device
+
+
+def pick_dtype(pref: str, device: torch.device) -> torch.dtype:
+    """The compute dtype for ``pref`` on ``device`` ("auto": bfloat16 or float16 on CUDA)."""
+    if pref not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {pref!r}")
+    if pref == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[pref]
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed-precision autocast for ``dtype`` on ``device``; nothing for float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)

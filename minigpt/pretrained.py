@@ -1,0 +1,306 @@
+"""Pretrained models: GPT-2 from Hugging Face files, and the course's own models.
+
+- ``from_pretrained("gpt2")`` (or a local folder) loads OpenAI's GPT-2 weights in
+  Hugging Face's safetensors format into a ``GPT``: a rename and a transpose.
+- ``shakespeare_char_model()`` is the course model: a character-level GPT trained
+  on Tiny Shakespeare with the best recipe measured (``SHAKESPEARE_CHAR``), trained
+  once and cached by a hash of its recipe, so every chapter that needs a model that
+  does something loads the same one in a second instead of training its own. The
+  same recipe drives ``configs/shakespeare_char.json`` and
+  ``benchmarks/time_to_quality.py`` (which trains it for a time budget instead).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from minigpt.checkpoint import CheckpointError, load_json, load_tensors, save_json
+from minigpt.data import TokenDataset, cache_dir, cached_tokens, load_text, train_val_split
+from minigpt.model import GPT, GPTConfig
+from minigpt.tokenizer import CharTokenizer
+from minigpt.train import LossHistory, TrainConfig, Trainer, validation_loss
+
+__all__ = [
+    "SHAKESPEARE_CHAR",
+    "from_pretrained",
+    "shakespeare_char_data",
+    "shakespeare_char_history",
+    "shakespeare_char_model",
+]
+
+
+def from_pretrained(
+    name_or_path: str | os.PathLike[str], device: str | torch.device = "cpu"
+) -> GPT:
+    """Load a GPT-2 checkpoint in Hugging Face format (safetensors only, never pickles).
+
+    ``name_or_path`` is either a local directory holding ``config.json`` and
+    ``model.safetensors`` (what ``GPT2LMHeadModel.save_pretrained`` writes), or
+    a hub name such as ``"gpt2"`` / ``"openai-community/gpt2-medium"``, of which
+    only those two files are downloaded (needs ``huggingface_hub`` and a network).
+
+    OpenAI trained GPT-2 with a ``Conv1D`` layer that stores its weight as
+    (in, out), the transpose of ``nn.Linear``'s (out, in); those four matrices
+    per block are transposed on the way in. Returns the model in eval mode.
+    """
+    directory = _resolve_pretrained(name_or_path)
+    config = _config_from_hf(load_json(directory / "config.json"), directory / "config.json")
+    weights = directory / "model.safetensors"
+    state = _state_from_hf(load_tensors(weights), config, weights)
+    model = GPT(config)
+    model.load_weights(state, source=weights)
+    return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------- GPT-2 from Hugging Face files
+
+# Conv1D layers whose (in, out) weights must be transposed into nn.Linear's (out, in)
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# causal-mask buffers that older checkpoints saved next to the weights (not parameters;
+# careful: "h.0.attn.c_attn.bias" is a real parameter and must not match)
+_MASK_BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
+# activations that are GPT-2's tanh-approximated GELU under another name
+_TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+def _resolve_pretrained(name_or_path: str | os.PathLike[str]) -> Path:
+    """A local checkpoint directory, downloading ``name_or_path`` from the hub if it is a name."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "model.safetensors").is_file():
+            if any(path.glob("pytorch_model*.bin")) or any(path.glob("*.pt")):
+                raise CheckpointError(
+                    f"{path} holds only pickled PyTorch weights (pytorch_model.bin), which can run "
+                    "arbitrary code when loaded and are refused here. Convert them once in a "
+                    "trusted environment: GPT2LMHeadModel.from_pretrained(path)"
+                    ".save_pretrained(path, safe_serialization=True) writes model.safetensors"
+                )
+            raise CheckpointError(f"{path} has no model.safetensors (a GPT-2 checkpoint needs it)")
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path} has no config.json (a GPT-2 checkpoint needs it)")
+        return path
+    name = str(name_or_path)
+    looks_like_path = (
+        path.exists() or name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+    )
+    if looks_like_path:
+        raise CheckpointError(f"no checkpoint directory at {path}")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:  # pragma: no cover - huggingface_hub is a dependency
+        raise CheckpointError(
+            f"{name!r} is not a local directory and huggingface_hub is not installed to download "
+            "it: pip install huggingface_hub, or pass a directory with config.json and "
+            "model.safetensors"
+        ) from e
+    try:
+        local = snapshot_download(name, allow_patterns=["config.json", "model.safetensors"])
+    except Exception as e:  # offline, unknown repo, gated repo, ...
+        raise CheckpointError(
+            f"could not download {name!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+            "Offline? Download config.json and model.safetensors on a connected machine "
+            "and pass their directory instead"
+        ) from e
+    return _resolve_pretrained(local)
+
+
+def _config_from_hf(hf: dict[str, Any], source: Path) -> GPTConfig:
+    """Translate a Hugging Face GPT-2 ``config.json`` into a GPTConfig, refusing what differs."""
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise CheckpointError(
+            f"{source}: model_type is {hf.get('model_type')!r}; only GPT-2 checkpoints "
+            "(model_type 'gpt2') can be loaded with from_pretrained"
+        )
+    act = hf.get("activation_function", "gelu_new")
+    if act not in _TANH_GELU:
+        raise CheckpointError(
+            f"{source}: activation_function {act!r} is not supported; minigpt's GPT-2 MLP uses "
+            f"the tanh-approximated GELU (one of {_TANH_GELU})"
+        )
+    for flag, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)):
+        if hf.get(flag, ok) != ok:
+            raise CheckpointError(f"{source}: {flag}={hf[flag]} is not supported (needs {ok})")
+    missing = [
+        k for k in ("n_embd", "n_layer", "n_head", "n_positions", "vocab_size") if k not in hf
+    ]
+    if missing:
+        raise CheckpointError(f"{source} lacks {missing}: is it a GPT-2 config.json?")
+    try:
+        return GPTConfig(
+            vocab_size=hf["vocab_size"],
+            block_size=hf["n_positions"],
+            n_layer=hf["n_layer"],
+            n_head=hf["n_head"],
+            n_embd=hf["n_embd"],
+            mlp_hidden=hf.get("n_inner"),
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            tie_weights=hf.get("tie_word_embeddings", True),
+        )
+    except ValueError as e:
+        raise CheckpointError(f"{source} does not describe a valid model: {e}") from e
+
+
+def _state_from_hf(hf: dict[str, Tensor], config: GPTConfig, source: Path) -> dict[str, Tensor]:
+    """Rename a Hugging Face GPT-2 state dict to minigpt's names and transpose Conv1D weights."""
+    state = {}
+    for key, value in hf.items():
+        key = key.removeprefix("transformer.")
+        if _MASK_BUFFER.match(key):
+            continue
+        if key.endswith(_CONV1D):
+            value = value.t()
+        state[key] = value.contiguous()
+    if config.tie_weights and "lm_head.weight" in state:
+        head = state.pop("lm_head.weight")
+        if "wte.weight" in state and not torch.equal(head, state["wte.weight"]):
+            raise CheckpointError(
+                f"{source}: lm_head.weight differs from wte.weight although config.json says "
+                "tie_word_embeddings=true"
+            )
+    if not config.tie_weights and "lm_head.weight" not in state and "wte.weight" in state:
+        raise CheckpointError(f"{source}: tie_word_embeddings=false but there is no lm_head.weight")
+    return state
+
+
+# --------------------------------------------------------------------------- the course model
+
+# The one Shakespeare recipe: the course model, configs/shakespeare_char.json and
+# benchmarks/time_to_quality.py all use it. Many small steps beat few large ones on
+# a CPU budget, so the model is small and the batches short (6 x 128 tokens). The
+# Llama-style layers (rotary positions, RMSNorm, SwiGLU, no biases) were the biggest
+# single gain measured over GPT-2-style ones at equal time. Context 128, not 64:
+# chapter 07 fine-tunes this model on SMS messages and instructions.
+SHAKESPEARE_CHAR: dict[str, Any] = {
+    "model": dict(
+        n_layer=4,
+        n_head=4,
+        n_embd=128,
+        block_size=128,
+        dropout=0.0,
+        positions="rope",
+        norm="rmsnorm",
+        mlp="swiglu",
+        bias=False,
+    ),
+    "train": dict(
+        batch_size=6,
+        lr=2e-3,
+        min_lr=2e-4,
+        warmup_steps=100,
+        weight_decay=0.1,
+        beta2=0.99,
+        grad_clip=1.0,
+        eval_iters=10,
+    ),
+    "steps": 6000,
+    "val_fraction": 0.1,
+}
+
+
+def shakespeare_char_data(
+    directory: str | os.PathLike[str] | None = None,
+) -> tuple[CharTokenizer, Any, Any]:
+    """Tiny Shakespeare as characters: the tokenizer and the train / validation ids
+    (the last 10% of the text), token files cached in ``directory`` (default: the cache)."""
+    text = load_text("tinyshakespeare")
+    tokenizer = CharTokenizer.fit(text)
+    ids = cached_tokens(
+        text, tokenizer.encode, vocab_size=tokenizer.vocab_size, key="char", directory=directory
+    )
+    train_ids, val_ids = train_val_split(ids, SHAKESPEARE_CHAR["val_fraction"])
+    return tokenizer, train_ids, val_ids
+
+
+def _model_dir(cache: str | os.PathLike[str] | None, steps: int, seed: int) -> Path:
+    recipe = json.dumps({**SHAKESPEARE_CHAR, "steps": steps, "seed": seed}, sort_keys=True)
+    digest = hashlib.sha256(recipe.encode()).hexdigest()[:12]
+    return Path(cache or cache_dir()) / "models" / f"shakespeare-char-{digest}"
+
+
+def shakespeare_char_model(
+    cache: str | os.PathLike[str] | None = None,
+    *,
+    steps: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[GPT, CharTokenizer]:
+    """The course model: a character-level GPT pretrained on Tiny Shakespeare, and its
+    ``CharTokenizer``.
+
+    The first call trains it with ``SHAKESPEARE_CHAR`` (``steps`` defaults to the
+    recipe's; a few CPU minutes) and saves it under
+    ``<cache>/models/shakespeare-char-<recipe hash>/``; later calls load it. ``cache``
+    defaults to ``minigpt.data.cache_dir()``. Training is seeded, so a recipe gives
+    the same model on the same machine. The model is returned in eval mode on the
+    CPU; ``shakespeare_char_history`` gives its loss curves and its validation loss
+    on every window of the held-out text (``history.json``'s ``full_val_loss``).
+    """
+    steps = SHAKESPEARE_CHAR["steps"] if steps is None else steps
+    folder = _model_dir(cache, steps, seed)
+    if not (folder / "history.json").is_file():
+        _train(folder, steps=steps, seed=seed, progress=progress)
+    model = GPT.load(folder)
+    try:
+        tokenizer = CharTokenizer.load(folder / "tokenizer.json")
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{folder / 'tokenizer.json'} is not a valid tokenizer: {e}") from e
+    return model.eval(), tokenizer
+
+
+def shakespeare_char_history(
+    cache: str | os.PathLike[str] | None = None, *, steps: int | None = None, seed: int = 0
+) -> tuple[LossHistory, float]:
+    """The loss history of ``shakespeare_char_model`` (training it first if needed) and
+    its loss on every window of the validation text."""
+    steps = SHAKESPEARE_CHAR["steps"] if steps is None else steps
+    folder = _model_dir(cache, steps, seed)
+    if not (folder / "history.json").is_file():
+        shakespeare_char_model(cache, steps=steps, seed=seed)
+    record = load_json(folder / "history.json")
+    return LossHistory.from_dict(record["history"]), float(record["full_val_loss"])
+
+
+def _train(folder: Path, *, steps: int, seed: int, progress: bool) -> None:
+    tokenizer, train_ids, val_ids = shakespeare_char_data(folder.parent.parent)
+    mc = GPTConfig(vocab_size=tokenizer.vocab_size, **SHAKESPEARE_CHAR["model"])
+    tc = TrainConfig(
+        max_steps=steps,
+        eval_interval=max(1, steps // 10),
+        seed=seed,
+        device="cpu",
+        progress=progress,
+        **SHAKESPEARE_CHAR["train"],
+    )
+    torch.manual_seed(seed)
+    model = GPT(mc)
+    trainer = Trainer(
+        model,
+        TokenDataset(train_ids, mc.block_size),
+        TokenDataset(val_ids, mc.block_size),
+        tc,
+    )
+    history = trainer.train()
+    record = {"history": history.to_dict(), "full_val_loss": validation_loss(model, val_ids)}
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        model.save(tmp)
+        tokenizer.save(tmp / "tokenizer.json")
+        save_json(record, tmp / "history.json")  # written last: marks it complete
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder / "history.json").is_file():  # not just another process finishing first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
