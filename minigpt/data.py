@@ -1,15 +1,27 @@
 """Datasets the course uses, found offline first and downloaded safely otherwise.
 
 Every dataset is known by a short name (``minigpt.data.DATASETS``) with the public
-URL it comes from and the SHA-256 of the file we expect. ``path(name)`` returns a
-local file, looking in this order:
+URL it comes from and the size and SHA-256 of the file we expect. ``path(name)``
+returns a local file, looking in this order:
 
 1. ``$MINIGPT_DATA_DIR/<relpath>`` when the environment variable is set (tests and
    CI point it at a read-only copy of every file);
 2. the cache directory (``$MINIGPT_CACHE_DIR``, else ``~/.cache/minigpt``);
 3. a download into the cache: streamed to a temporary file with a progress bar,
-   checked against the SHA-256, then renamed into place. A failed, interrupted or
-   corrupt download never leaves a file behind under the final name.
+   checked against the size and SHA-256, then renamed into place. A failed,
+   interrupted or corrupt download never leaves a file behind under the final name.
+
+Whichever copy is used is verified first (size, then SHA-256), once per process for
+each version of the file (its path, size, inode and modification times), so a
+second lookup costs one ``stat``. A damaged copy is never used:
+
+- in ``MINIGPT_DATA_DIR`` it is an error that names the file and says where a good
+  copy comes from; minigpt never deletes or writes anything there (it may be a
+  shared, read-only folder), and does not fall back to the cache behind your back;
+- in the cache, which is minigpt's own, it is downloaded again with a warning (the
+  new copy replaces the bad one only once it has been verified); with
+  ``download=False``, or when that download fails, it is an error that says to
+  delete the file or replace it.
 
 Offline with no copy, you get one error that names the file and where to put it.
 """
@@ -22,6 +34,7 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -63,6 +76,8 @@ class Dataset:
         sha256: hex SHA-256 of the file (of the unpacked member for zip sources).
         member: for zip sources, the path of the file inside the archive.
         description: one line for humans.
+        size: the file's size in bytes (of the unpacked member for zip sources),
+            checked before the SHA-256; every registered dataset has one.
     """
 
     name: str
@@ -71,6 +86,7 @@ class Dataset:
     sha256: str
     member: str | None = None
     description: str = ""
+    size: int | None = None
 
 
 _GPT2 = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main"
@@ -85,6 +101,7 @@ DATASETS: dict[str, Dataset] = {
             "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
             "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
             description="Tiny Shakespeare, 1,115,394 characters of plays",
+            size=1_115_394,
         ),
         Dataset(
             "gpt2-encoder",
@@ -92,6 +109,7 @@ DATASETS: dict[str, Dataset] = {
             f"{_GPT2}/encoder.json",
             "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
             description="GPT-2's vocabulary: 50,257 token strings and their ids",
+            size=1_042_301,
         ),
         Dataset(
             "gpt2-vocab",
@@ -99,6 +117,7 @@ DATASETS: dict[str, Dataset] = {
             f"{_GPT2}/vocab.bpe",
             "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
             description="GPT-2's 50,000 BPE merges, in priority order",
+            size=456_318,
         ),
         Dataset(
             "sms-spam",
@@ -107,6 +126,7 @@ DATASETS: dict[str, Dataset] = {
             "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d",
             member="SMSSpamCollection",
             description="UCI SMS Spam Collection: 5,574 lines 'label<TAB>text'",
+            size=477_907,
         ),
         Dataset(
             "sst2-train",
@@ -115,6 +135,7 @@ DATASETS: dict[str, Dataset] = {
             "82c18cac2c19d7d59301f6c468c7a84a2b7ab0aa9b7de7a974ceb9d5d64c61db",
             member="SST-2/train.tsv",
             description="SST-2 (GLUE) training sentences, 'sentence<TAB>label'",
+            size=3_806_080,
         ),
         Dataset(
             "sst2-dev",
@@ -123,6 +144,7 @@ DATASETS: dict[str, Dataset] = {
             "f7271f7a919ea884ca8563e13ed03028aa44296d1f738c003af3142b9a2188f8",
             member="SST-2/dev.tsv",
             description="SST-2 (GLUE) dev sentences, 'sentence<TAB>label'",
+            size=94_415,
         ),
         Dataset(
             "instruction-data",
@@ -130,6 +152,7 @@ DATASETS: dict[str, Dataset] = {
             f"{_RASBT}/01_main-chapter-code/instruction-data.json",
             "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944",
             description="1,100 {instruction, input, output} examples",
+            size=203_524,
         ),
         Dataset(
             "preference-data",
@@ -137,6 +160,7 @@ DATASETS: dict[str, Dataset] = {
             f"{_RASBT}/04_preference-tuning-with-dpo/instruction-data-with-preference.json",
             "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e",
             description="the instruction data with 'chosen' and 'rejected' responses",
+            size=386_968,
         ),
     ]
 }
@@ -169,7 +193,7 @@ def _lookup(name: str) -> Dataset:
 
 
 def path(name: str, *, download: bool = True, progress: bool = True) -> Path:
-    """Return the local path of dataset ``name``, downloading it once if needed.
+    """Return the local path of dataset ``name``, verified, downloading it once if needed.
 
     Args:
         name: a key of ``DATASETS``, e.g. ``"tinyshakespeare"``.
@@ -179,22 +203,43 @@ def path(name: str, *, download: bool = True, progress: bool = True) -> Path:
     Raises:
         KeyError: ``name`` is not a known dataset.
         DataError: the file is not available offline and could not be downloaded,
-            or the download did not match its SHA-256.
+            the download did not match its size and SHA-256, or the copy in
+            ``MINIGPT_DATA_DIR`` (or a cached copy that cannot be downloaded again)
+            is corrupt.
     """
     ds = _lookup(name)
     data_dir = os.environ.get("MINIGPT_DATA_DIR")
     if data_dir:
         candidate = Path(data_dir).expanduser() / ds.relpath
         if candidate.is_file():
+            problem = _mismatch(candidate, ds)
+            if problem:
+                raise DataError(
+                    f"{candidate} (dataset {ds.name!r}, found through MINIGPT_DATA_DIR) is "
+                    f"corrupt: {problem}; replace it with a good copy from {_source(ds)}, "
+                    "or unset MINIGPT_DATA_DIR to use the cache"
+                )
             return candidate
     cached = cache_dir() / ds.relpath
     if cached.is_file():
+        problem = _mismatch(cached, ds)
+        if not problem:
+            return cached
+        bad = f"{cached} (dataset {ds.name!r}, in the cache) is corrupt: {problem}"
+        fix = f"delete it to download it again, or replace it with a good copy from {_source(ds)}"
+        if not download:
+            raise DataError(f"{bad}; {fix}")
+        warnings.warn(f"{bad}; downloading it again", stacklevel=2)
+        try:
+            _download(ds, cached, progress=progress)
+        except (*_DOWNLOAD_ERRORS, DataError) as e:
+            raise DataError(f"{bad}, and downloading it again failed ({e}); {fix}") from e
         return cached
     if not download:
         raise DataError(_missing_message(ds, cached, data_dir, reason="downloads are disabled"))
     try:
         _download(ds, cached, progress=progress)
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
+    except _DOWNLOAD_ERRORS as e:
         raise DataError(_missing_message(ds, cached, data_dir, reason=str(e))) from e
     return cached
 
@@ -265,15 +310,59 @@ def _missing_message(ds: Dataset, cached: Path, data_dir: str | None, reason: st
         where.insert(0, f"  {Path(data_dir).expanduser() / ds.relpath}  (MINIGPT_DATA_DIR)")
     else:
         where.append(f"  or set MINIGPT_DATA_DIR to a folder that holds {ds.relpath}")
-    source = ds.url + (f" (the file {ds.member} inside the zip)" if ds.member else "")
     return (
         f"dataset {ds.name!r} ({ds.relpath}) is not available offline and could not be "
-        f"downloaded: {reason}\nDownload it from {source}\nand put it at:\n" + "\n".join(where)
+        f"downloaded: {reason}\nDownload it from {_source(ds)}\nand put it at:\n" + "\n".join(where)
     )
 
 
+def _source(ds: Dataset) -> str:
+    return ds.url + (f" (the file {ds.member} inside the zip)" if ds.member else "")
+
+
+# What a failed download raises: refused connections, HTTP errors, a full disk.
+_DOWNLOAD_ERRORS = (urllib.error.URLError, OSError, TimeoutError)
+
+# Versions of files already verified in this process: (resolved path, size, mtime_ns,
+# ctime_ns, inode, expected sha256). Kept in memory only: a record on disk would trust a
+# file whose bytes rotted without a change of mtime, and hashing costs milliseconds.
+_VERIFIED: set[tuple[str, int, int, int, int, str]] = set()
+
+
+def _version(file: Path, ds: Dataset, st: os.stat_result) -> tuple[str, int, int, int, int, str]:
+    """The key under which a verified file is remembered (see ``_VERIFIED``)."""
+    resolved = str(file.resolve())
+    return (resolved, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, ds.sha256)
+
+
+def _mismatch(file: Path, ds: Dataset, *, remember: bool = True) -> str | None:
+    """What is wrong with ``file`` as a copy of ``ds`` (size, then SHA-256), or None.
+
+    A version of a file found good is remembered (``remember``) and not hashed again.
+    """
+    try:
+        st = file.stat()
+        if _version(file, ds, st) in _VERIFIED:
+            return None
+        if ds.size is not None and st.st_size != ds.size:
+            empty = " (an empty file)" if st.st_size == 0 else ""
+            return (
+                f"expected {ds.size:,} bytes with sha256 {ds.sha256}, "
+                f"found {st.st_size:,} bytes{empty}"
+            )
+        got = sha256_file(file)
+    except OSError as e:
+        raise DataError(f"cannot read {file}: {e.strerror or e}; check its permissions") from e
+    if got != ds.sha256:
+        empty = " (an empty file)" if st.st_size == 0 else ""
+        return f"expected sha256 {ds.sha256}, found sha256 {got} ({st.st_size:,} bytes{empty})"
+    if remember:
+        _VERIFIED.add(_version(file, ds, st))
+    return None
+
+
 def _download(ds: Dataset, dest: Path, *, progress: bool) -> None:
-    """Download ``ds`` to ``dest`` atomically, verifying its SHA-256."""
+    """Download ``ds`` to ``dest`` atomically, verifying its size and SHA-256."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     # Temporary files live next to the destination so the final rename is atomic.
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
@@ -283,17 +372,17 @@ def _download(ds: Dataset, dest: Path, *, progress: bool) -> None:
             _fetch(ds.url, out, desc=ds.name, progress=progress)
         if ds.member is not None:
             tmp = _extract_member(tmp, ds.member, dest.parent)
-        got = sha256_file(tmp)
-        if got != ds.sha256:
+        problem = _mismatch(tmp, ds, remember=False)
+        if problem:
             raise DataError(
-                f"checksum mismatch for {ds.name!r} downloaded from {ds.url}: expected "
-                f"sha256 {ds.sha256}, got {got}. The file was discarded; try again, or "
-                f"put a good copy at {dest}"
+                f"checksum mismatch for {ds.name!r} downloaded from {_source(ds)}: {problem}. "
+                f"The file was discarded; try again, or put a good copy at {dest}"
             )
         os.replace(tmp, dest)
     finally:
         for leftover in {Path(tmp_name), tmp}:
             leftover.unlink(missing_ok=True)
+    _VERIFIED.add(_version(dest, ds, dest.stat()))  # verified above, under its temp name
 
 
 def _fetch(url: str, out, *, desc: str, progress: bool) -> None:
