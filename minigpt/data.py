@@ -29,6 +29,7 @@ Offline with no copy, you get one error that names the file and where to put it.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import tempfile
@@ -36,6 +37,7 @@ import urllib.error
 import urllib.request
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,7 +248,15 @@ def path(name: str, *, download: bool = True, progress: bool = True) -> Path:
 
 def load_text(name: str, *, encoding: str = "utf-8") -> str:
     """Read dataset ``name`` as text (see ``path`` for where it comes from)."""
-    return path(name).read_text(encoding=encoding)
+    file = path(name)
+    try:
+        return file.read_text(encoding=encoding)
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{file} (dataset {name!r}) is not {encoding} text: byte {e.start} is "
+            f"{e.object[e.start : e.start + 1]!r}; pass the file's encoding, "
+            "e.g. encoding='utf-8'"
+        ) from e
 
 
 Seq = TypeVar("Seq")
@@ -320,8 +330,9 @@ def _source(ds: Dataset) -> str:
     return ds.url + (f" (the file {ds.member} inside the zip)" if ds.member else "")
 
 
-# What a failed download raises: refused connections, HTTP errors, a full disk.
-_DOWNLOAD_ERRORS = (urllib.error.URLError, OSError, TimeoutError)
+# What a failed download raises: refused or broken connections, HTTP errors, a broken
+# reply (http.client.HTTPException is not an OSError), a disk that is full or read-only.
+_DOWNLOAD_ERRORS = (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError)
 
 # Versions of files already verified in this process: (resolved path, size, mtime_ns,
 # ctime_ns, inode, expected sha256). Kept in memory only: a record on disk would trust a
@@ -406,19 +417,19 @@ def _fetch(url: str, out, *, desc: str, progress: bool) -> None:
 
 def _extract_member(archive: Path, member: str, where: Path) -> Path:
     """Copy ``member`` out of the zip ``archive`` into a new temp file; drop the zip."""
-    fd, out_name = tempfile.mkstemp(prefix=".unzip.", suffix=".part", dir=where)
+    fd, out_name = tempfile.mkstemp(prefix=f".{Path(member).name}.", suffix=".part", dir=where)
     try:
-        with zipfile.ZipFile(archive) as zf, os.fdopen(fd, "wb") as out:
+        with os.fdopen(fd, "wb") as out, zipfile.ZipFile(archive) as zf:
             try:
                 src = zf.open(member)
             except KeyError as e:
                 raise DataError(f"{member!r} is not inside the archive {archive.name}") from e
             with src:
                 shutil.copyfileobj(src, out)
-    except zipfile.BadZipFile as e:
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
         Path(out_name).unlink(missing_ok=True)
         raise DataError(f"the download is not a valid zip archive ({e}); it was discarded") from e
-    except DataError:
+    except BaseException:
         Path(out_name).unlink(missing_ok=True)
         raise
     finally:
@@ -505,8 +516,11 @@ def load_tokens(file: str | os.PathLike[str]) -> np.ndarray:
         raise DataError(f"token file not found: {file}")
     try:
         ids = np.load(file, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise DataError(f"{file} is not a valid token file (truncated or corrupt?): {e}") from e
+    except (ValueError, OSError, EOFError) as e:  # EOFError: an empty file
+        raise DataError(
+            f"{file} is not a valid token file (truncated or corrupt?): {e}; delete it and "
+            "encode the text again (cached_tokens does both)"
+        ) from e
     if ids.ndim != 1 or ids.dtype not in (np.uint16, np.uint32):
         raise DataError(
             f"{file} should hold a 1-D uint16/uint32 array, got {ids.dtype} {ids.shape}"
@@ -527,12 +541,27 @@ def cached_tokens(
 
     ``key`` names the tokenizer (e.g. ``"char"`` or ``"gpt2"``); the file name also
     holds a hash of the text and the key, so a changed text or tokenizer gets a new
-    file instead of stale ids.
+    file instead of stale ids. A damaged file (truncated by a full disk, say) is
+    encoded again with a warning.
+
+    Raises:
+        DataError: the token file cannot be written under ``directory``.
     """
     digest = hashlib.sha256(f"{key}\0{vocab_size}\0".encode() + text.encode()).hexdigest()[:16]
-    file = Path(directory or cache_dir()) / "tokens" / f"{key}-{digest}.npy"
-    if not file.is_file():
+    folder = Path(directory or cache_dir()) / "tokens"
+    file = folder / f"{key}-{digest}.npy"
+    if file.is_file():
+        try:
+            return load_tokens(file)
+        except DataError as e:
+            warnings.warn(f"{e}; encoding the text again", stacklevel=2)
+    try:
         encode_to_file(text, encode, file, vocab_size=vocab_size, progress=progress)
+    except OSError as e:
+        raise DataError(
+            f"cannot write the token cache {file}: {e.strerror or e}; pass directory= a "
+            "writable folder, or set MINIGPT_CACHE_DIR to one"
+        ) from e
     return load_tokens(file)
 
 

@@ -201,6 +201,21 @@ def test_zip_member_of_the_wrong_size_is_discarded(server, cache, monkeypatch):
     assert list(cache.iterdir()) == []
 
 
+def test_damaged_zip_data_is_one_error(server, cache, monkeypatch):
+    base, h = server
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("t.txt", b"hello world " * 5000)
+    raw = bytearray(buf.getvalue())
+    for i in range(45, 60):  # inside the deflate stream, past the local header
+        raw[i] ^= 0x55
+    h.files["/a.zip"] = bytes(raw)
+    _register(monkeypatch, url=base + "/a.zip", member="t.txt")
+    with pytest.raises(data.DataError, match="not a valid zip"):
+        data.path("toy", progress=False)
+    assert list(cache.iterdir()) == []
+
+
 def test_verified_once_per_file_version(shared, monkeypatch):
     _register(monkeypatch)
     f = shared / "t.txt"
@@ -232,3 +247,65 @@ def test_every_shared_file_passes_verification(name, data_dir: Path, tmp_path, m
     monkeypatch.setenv("MINIGPT_CACHE_DIR", str(tmp_path / "cache"))
     assert data.path(name, download=False) == data_dir / ds.relpath
     assert (data_dir / ds.relpath).stat().st_size == ds.size
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_load_text_with_the_wrong_encoding(shared, monkeypatch):
+    body = "naïve café\n".encode()
+    _register(monkeypatch, sha256=_sha(body))
+    (shared / "t.txt").write_bytes(body)
+    with pytest.raises(data.DataError) as err:
+        data.load_text("toy", encoding="ascii")
+    msg = _one_line(err)
+    assert str(shared / "t.txt") in msg and "ascii" in msg and "encoding=" in msg
+
+
+def test_empty_token_file(tmp_path):
+    (tmp_path / "e.npy").write_bytes(b"")
+    with pytest.raises(data.DataError) as err:
+        data.load_tokens(tmp_path / "e.npy")
+    assert str(tmp_path / "e.npy") in _one_line(err)
+
+
+def test_damaged_token_cache_is_encoded_again(tmp_path):
+    def encode(s):
+        return [ord(c) - 97 for c in s]
+
+    ids = data.cached_tokens(
+        "abcabc", encode, vocab_size=3, key="t", directory=tmp_path, progress=False
+    ).tolist()  # a list: the memory map would see the truncation below
+    (file,) = (tmp_path / "tokens").glob("*.npy")
+    file.write_bytes(file.read_bytes()[:-4])  # truncated by a full disk, say
+    with pytest.warns(UserWarning, match="encoding the text again"):
+        again = data.cached_tokens(
+            "abcabc", encode, vocab_size=3, key="t", directory=tmp_path, progress=False
+        )
+    assert again.tolist() == ids == [0, 1, 2, 0, 1, 2]
+
+
+def test_token_cache_that_cannot_be_written(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(data.DataError) as err:
+        data.cached_tokens(
+            "abc",
+            lambda s: [0, 1, 2],
+            vocab_size=3,
+            key="t",
+            directory=tmp_path / "a-file",
+            progress=False,
+        )
+    msg = _one_line(err)
+    assert "a-file" in msg and "directory=" in msg
+
+
+def test_broken_http_reply_is_one_error(server, cache, monkeypatch):
+    base, h = server
+    h.files["/t.txt"] = GOOD
+    h.bad_chunks.add("/t.txt")
+    _register(monkeypatch, url=base + "/t.txt")
+    with pytest.raises(data.DataError) as err:
+        data.path("toy", progress=False)
+    assert base + "/t.txt" in str(err.value)
+    assert list(cache.iterdir()) == []
