@@ -23,16 +23,25 @@ second lookup costs one ``stat``. A damaged copy is never used:
   ``download=False``, or when that download fails, it is an error that says to
   delete the file or replace it.
 
+Temporary files of a process that was killed (``.NAME.<random>.part`` next to a
+download, ``.NAME.<random>.tmp`` among the token files) are removed the next time
+their folder is used, once nothing has written to them for ten minutes and, where
+the system has file locks, no process holds a lock on them (a download locks its
+temp files while it writes them, so even a paused download keeps its files).
+
 Offline with no copy, you get one error that names the file and where to put it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
+import re
 import shutil
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -45,6 +54,11 @@ from typing import TypeVar
 
 import numpy as np
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; temp files are judged by age alone
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "DATASETS",
@@ -223,6 +237,7 @@ def path(name: str, *, download: bool = True, progress: bool = True) -> Path:
                 )
             return candidate
     cached = cache_dir() / ds.relpath
+    _remove_stale_temps(cached.parent)
     if cached.is_file():
         problem = _mismatch(cached, ds)
         if not problem:
@@ -372,11 +387,57 @@ def _mismatch(file: Path, ds: Dataset, *, remember: bool = True) -> str | None:
     return None
 
 
+# Temp files we write: mkstemp names, a dot, the final name, 8 random characters.
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.(part|tmp)$")
+_STALE_AFTER_S = 600.0  # a live writer touches its file far more often than this
+
+
+def _hold_lock(fd: int) -> None:
+    """Take an exclusive lock on a temp file being written; it ends when the file closes."""
+    if fcntl is not None:
+        # On a filesystem without locks this fails, and the age rule alone protects the file.
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _remove_stale_temps(folder: Path) -> None:
+    """Delete temp files that a killed process left in ``folder`` (one of our caches).
+
+    A temp file is stale when it has not been written for ``_STALE_AFTER_S`` and no
+    process holds its lock; on Windows, where there is no lock, a file still open
+    elsewhere cannot be deleted, and the error is ignored.
+    """
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return  # no such folder yet: nothing to clean
+    now = time.time()
+    for entry in entries:
+        if not _TEMP_NAME.match(entry.name):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not entry.is_file(follow_symlinks=False) or now - st.st_mtime < _STALE_AFTER_S:
+                continue
+            if fcntl is None:
+                os.unlink(entry.path)
+                continue
+            with open(entry.path, "rb") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # its writer is alive
+                os.unlink(entry.path)
+        except OSError:
+            continue  # gone already, or in use: leave it
+
+
 def _download(ds: Dataset, dest: Path, *, progress: bool) -> None:
     """Download ``ds`` to ``dest`` atomically, verifying its size and SHA-256."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     # Temporary files live next to the destination so the final rename is atomic.
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    _hold_lock(fd)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
@@ -418,6 +479,7 @@ def _fetch(url: str, out, *, desc: str, progress: bool) -> None:
 def _extract_member(archive: Path, member: str, where: Path) -> Path:
     """Copy ``member`` out of the zip ``archive`` into a new temp file; drop the zip."""
     fd, out_name = tempfile.mkstemp(prefix=f".{Path(member).name}.", suffix=".part", dir=where)
+    _hold_lock(fd)
     try:
         with os.fdopen(fd, "wb") as out, zipfile.ZipFile(archive) as zf:
             try:
@@ -542,7 +604,7 @@ def cached_tokens(
     ``key`` names the tokenizer (e.g. ``"char"`` or ``"gpt2"``); the file name also
     holds a hash of the text and the key, so a changed text or tokenizer gets a new
     file instead of stale ids. A damaged file (truncated by a full disk, say) is
-    encoded again with a warning.
+    encoded again with a warning; temp files of a killed run are cleaned up.
 
     Raises:
         DataError: the token file cannot be written under ``directory``.
@@ -550,6 +612,7 @@ def cached_tokens(
     digest = hashlib.sha256(f"{key}\0{vocab_size}\0".encode() + text.encode()).hexdigest()[:16]
     folder = Path(directory or cache_dir()) / "tokens"
     file = folder / f"{key}-{digest}.npy"
+    _remove_stale_temps(folder)
     if file.is_file():
         try:
             return load_tokens(file)

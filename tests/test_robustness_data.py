@@ -10,6 +10,7 @@ import http.server
 import io
 import os
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -17,7 +18,13 @@ import pytest
 
 from minigpt import data
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 GOOD = b"to be or not to be, that is the question\n" * 50
+HOUR_AGO = time.time() - 3600
 
 
 def _sha(b: bytes) -> str:
@@ -247,6 +254,95 @@ def test_every_shared_file_passes_verification(name, data_dir: Path, tmp_path, m
     monkeypatch.setenv("MINIGPT_CACHE_DIR", str(tmp_path / "cache"))
     assert data.path(name, download=False) == data_dir / ds.relpath
     assert (data_dir / ds.relpath).stat().st_size == ds.size
+
+
+# --------------------------------------------------------------------------- temp files
+
+
+def _leftover(folder: Path, name: str, *, age: float = 3600) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    f = folder / name
+    f.write_bytes(b"half a file")
+    os.utime(f, (time.time() - age, time.time() - age))
+    return f
+
+
+def test_stale_temp_files_are_removed_on_next_use(cache, monkeypatch):
+    _register(monkeypatch)
+    (cache / "t.txt").parent.mkdir(parents=True)
+    (cache / "t.txt").write_bytes(GOOD)
+    stale = [
+        _leftover(cache, ".t.txt.k2j_x9qa.part"),  # a killed download
+        _leftover(cache, ".t.txt.a1b2c3d4.part"),  # a killed unzip
+    ]
+    fresh = _leftover(cache, ".t.txt.zz99zz99.part", age=5)  # may be someone's download
+    other = _leftover(cache, "notes.part")  # not a name we make: not ours
+    assert data.path("toy", download=False) == cache / "t.txt"
+    assert not any(f.exists() for f in stale)
+    assert fresh.exists() and other.exists()
+
+
+def test_temp_files_in_data_dir_are_never_touched(shared, monkeypatch):
+    _register(monkeypatch)
+    (shared / "t.txt").write_bytes(GOOD)
+    left = _leftover(shared, ".t.txt.k2j_x9qa.part")
+    data.path("toy", download=False)
+    assert left.exists()
+
+
+@pytest.mark.skipif(fcntl is None, reason="file locks are POSIX-only")
+def test_a_locked_temp_file_is_kept_however_old(cache, monkeypatch):
+    _register(monkeypatch)
+    cache.mkdir(parents=True)
+    (cache / "t.txt").write_bytes(GOOD)
+    live = _leftover(cache, ".t.txt.k2j_x9qa.part")
+    with open(live, "rb") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a live writer does
+        data.path("toy", download=False)
+        assert live.exists()
+    data.path("toy", download=False)
+    assert not live.exists(), "once its writer is gone, it is stale"
+
+
+@pytest.mark.skipif(fcntl is None, reason="file locks are POSIX-only")
+def test_a_download_in_progress_survives_a_cleanup(server, cache, monkeypatch):
+    base, h = server
+    h.files["/t.txt"] = GOOD
+    h.hold["/t.txt"] = threading.Event()
+    _register(monkeypatch, url=base + "/t.txt")
+    _register(monkeypatch, name="other", relpath="o.txt")
+    result: dict[str, object] = {}
+    thread = threading.Thread(
+        target=lambda: result.update(p=data.path("toy", progress=False)), daemon=True
+    )
+    thread.start()
+    deadline = time.time() + 10
+    while not (parts := list(cache.glob(".t.txt.*.part"))) and time.time() < deadline:
+        time.sleep(0.01)
+    assert parts, "the download never started"
+    os.utime(parts[0], (HOUR_AGO, HOUR_AGO))  # it looks abandoned...
+    (cache / "o.txt").write_bytes(GOOD)
+    data.path("other", download=False)  # ...and another lookup cleans the folder
+    assert parts[0].exists(), "a file being written is never deleted"
+    h.hold["/t.txt"].set()
+    thread.join(10)
+    assert result["p"] == cache / "t.txt" and (cache / "t.txt").read_bytes() == GOOD
+
+
+def test_stale_token_temp_files_are_removed(tmp_path):
+    tokens = tmp_path / "tokens"
+    stale = _leftover(tokens, ".char-0123456789abcdef.npy.k2j_x9qa.tmp")
+    fresh = _leftover(tokens, ".char-0123456789abcdef.npy.zz99zz99.tmp", age=5)
+    ids = data.cached_tokens(
+        "abcabc",
+        lambda s: [ord(c) - 97 for c in s],
+        vocab_size=3,
+        key="t",
+        directory=tmp_path,
+        progress=False,
+    )
+    assert ids.tolist() == [0, 1, 2, 0, 1, 2]
+    assert not stale.exists() and fresh.exists()
 
 
 # --------------------------------------------------------------------------- bad input
