@@ -1,28 +1,52 @@
 """Datasets the course uses, found offline first and downloaded safely otherwise.
 
 Every dataset is known by a short name (``minigpt.data.DATASETS``) with the public
-URL it comes from and the SHA-256 of the file we expect. ``path(name)`` returns a
-local file, looking in this order:
+URL it comes from and the size and SHA-256 of the file we expect. ``path(name)``
+returns a local file, looking in this order:
 
 1. ``$MINIGPT_DATA_DIR/<relpath>`` when the environment variable is set (tests and
    CI point it at a read-only copy of every file);
 2. the cache directory (``$MINIGPT_CACHE_DIR``, else ``~/.cache/minigpt``);
 3. a download into the cache: streamed to a temporary file with a progress bar,
-   checked against the SHA-256, then renamed into place. A failed, interrupted or
-   corrupt download never leaves a file behind under the final name.
+   checked against the size and SHA-256, then renamed into place. A failed,
+   interrupted or corrupt download never leaves a file behind under the final name.
+
+Whichever copy is used is verified first (size, then SHA-256), once per process for
+each version of the file (its path, size, inode and modification times), so a
+second lookup costs one ``stat``. A damaged copy is never used:
+
+- in ``MINIGPT_DATA_DIR`` it is an error that names the file and says where a good
+  copy comes from; minigpt never deletes or writes anything there (it may be a
+  shared, read-only folder), and does not fall back to the cache behind your back;
+- in the cache, which is minigpt's own, it is downloaded again with a warning (the
+  new copy replaces the bad one only once it has been verified); with
+  ``download=False``, or when that download fails, it is an error that says to
+  delete the file or replace it.
+
+Temporary files of a process that was killed (``.NAME.<random>.part`` next to a
+download, ``.NAME.<random>.tmp`` among the token files) are removed the next time
+their folder is used, once nothing has written to them for ten minutes and, where
+the system has file locks, no process holds a lock on them (a download locks its
+temp files while it writes them, so even a paused download keeps its files).
 
 Offline with no copy, you get one error that names the file and where to put it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import http.client
 import os
+import re
 import shutil
 import tempfile
+import time
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +54,11 @@ from typing import TypeVar
 
 import numpy as np
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; temp files are judged by age alone
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "DATASETS",
@@ -68,6 +97,8 @@ class Dataset:
         sha256: hex SHA-256 of the file (of the unpacked member for zip sources).
         member: for zip sources, the path of the file inside the archive.
         description: one line for humans.
+        size: the file's size in bytes (of the unpacked member for zip sources),
+            checked before the SHA-256; every registered dataset has one.
     """
 
     name: str
@@ -76,6 +107,7 @@ class Dataset:
     sha256: str
     member: str | None = None
     description: str = ""
+    size: int | None = None
 
 
 _GPT2 = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main"
@@ -90,6 +122,7 @@ DATASETS: dict[str, Dataset] = {
             "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
             "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
             description="Tiny Shakespeare, 1,115,394 characters of plays",
+            size=1_115_394,
         ),
         Dataset(
             "gpt2-encoder",
@@ -97,6 +130,7 @@ DATASETS: dict[str, Dataset] = {
             f"{_GPT2}/encoder.json",
             "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
             description="GPT-2's vocabulary: 50,257 token strings and their ids",
+            size=1_042_301,
         ),
         Dataset(
             "gpt2-vocab",
@@ -104,6 +138,7 @@ DATASETS: dict[str, Dataset] = {
             f"{_GPT2}/vocab.bpe",
             "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
             description="GPT-2's 50,000 BPE merges, in priority order",
+            size=456_318,
         ),
         Dataset(
             "sms-spam",
@@ -112,6 +147,7 @@ DATASETS: dict[str, Dataset] = {
             "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d",
             member="SMSSpamCollection",
             description="UCI SMS Spam Collection: 5,574 lines 'label<TAB>text'",
+            size=477_907,
         ),
         Dataset(
             "sst2-train",
@@ -120,6 +156,7 @@ DATASETS: dict[str, Dataset] = {
             "82c18cac2c19d7d59301f6c468c7a84a2b7ab0aa9b7de7a974ceb9d5d64c61db",
             member="SST-2/train.tsv",
             description="SST-2 (GLUE) training sentences, 'sentence<TAB>label'",
+            size=3_806_080,
         ),
         Dataset(
             "sst2-dev",
@@ -128,6 +165,7 @@ DATASETS: dict[str, Dataset] = {
             "f7271f7a919ea884ca8563e13ed03028aa44296d1f738c003af3142b9a2188f8",
             member="SST-2/dev.tsv",
             description="SST-2 (GLUE) dev sentences, 'sentence<TAB>label'",
+            size=94_415,
         ),
         Dataset(
             "instruction-data",
@@ -135,6 +173,7 @@ DATASETS: dict[str, Dataset] = {
             f"{_RASBT}/01_main-chapter-code/instruction-data.json",
             "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944",
             description="1,100 {instruction, input, output} examples",
+            size=203_524,
         ),
         Dataset(
             "preference-data",
@@ -142,6 +181,7 @@ DATASETS: dict[str, Dataset] = {
             f"{_RASBT}/04_preference-tuning-with-dpo/instruction-data-with-preference.json",
             "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e",
             description="the instruction data with 'chosen' and 'rejected' responses",
+            size=386_968,
         ),
     ]
 }
@@ -174,7 +214,7 @@ def _lookup(name: str) -> Dataset:
 
 
 def path(name: str, *, download: bool = True, progress: bool = True) -> Path:
-    """Return the local path of dataset ``name``, downloading it once if needed.
+    """Return the local path of dataset ``name``, verified, downloading it once if needed.
 
     Args:
         name: a key of ``DATASETS``, e.g. ``"tinyshakespeare"``.
@@ -184,29 +224,59 @@ def path(name: str, *, download: bool = True, progress: bool = True) -> Path:
     Raises:
         KeyError: ``name`` is not a known dataset.
         DataError: the file is not available offline and could not be downloaded,
-            or the download did not match its SHA-256.
+            the download did not match its size and SHA-256, or the copy in
+            ``MINIGPT_DATA_DIR`` (or a cached copy that cannot be downloaded again)
+            is corrupt.
     """
     ds = _lookup(name)
     data_dir = os.environ.get("MINIGPT_DATA_DIR")
     if data_dir:
         candidate = Path(data_dir).expanduser() / ds.relpath
         if candidate.is_file():
+            problem = _mismatch(candidate, ds)
+            if problem:
+                raise DataError(
+                    f"{candidate} (dataset {ds.name!r}, found through MINIGPT_DATA_DIR) is "
+                    f"corrupt: {problem}; replace it with a good copy from {_source(ds)}, "
+                    "or unset MINIGPT_DATA_DIR to use the cache"
+                )
             return candidate
     cached = cache_dir() / ds.relpath
+    _remove_stale_temps(cached.parent)
     if cached.is_file():
+        problem = _mismatch(cached, ds)
+        if not problem:
+            return cached
+        bad = f"{cached} (dataset {ds.name!r}, in the cache) is corrupt: {problem}"
+        fix = f"delete it to download it again, or replace it with a good copy from {_source(ds)}"
+        if not download:
+            raise DataError(f"{bad}; {fix}")
+        warnings.warn(f"{bad}; downloading it again", stacklevel=2)
+        try:
+            _download(ds, cached, progress=progress)
+        except (*_DOWNLOAD_ERRORS, DataError) as e:
+            raise DataError(f"{bad}, and downloading it again failed ({e}); {fix}") from e
         return cached
     if not download:
         raise DataError(_missing_message(ds, cached, data_dir, reason="downloads are disabled"))
     try:
         _download(ds, cached, progress=progress)
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
+    except _DOWNLOAD_ERRORS as e:
         raise DataError(_missing_message(ds, cached, data_dir, reason=str(e))) from e
     return cached
 
 
 def load_text(name: str, *, encoding: str = "utf-8") -> str:
     """Read dataset ``name`` as text (see ``path`` for where it comes from)."""
-    return path(name).read_text(encoding=encoding)
+    file = path(name)
+    try:
+        return file.read_text(encoding=encoding)
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{file} (dataset {name!r}) is not {encoding} text: byte {e.start} is "
+            f"{e.object[e.start : e.start + 1]!r}; pass the file's encoding, "
+            "e.g. encoding='utf-8'"
+        ) from e
 
 
 Seq = TypeVar("Seq")
@@ -270,35 +340,126 @@ def _missing_message(ds: Dataset, cached: Path, data_dir: str | None, reason: st
         where.insert(0, f"  {Path(data_dir).expanduser() / ds.relpath}  (MINIGPT_DATA_DIR)")
     else:
         where.append(f"  or set MINIGPT_DATA_DIR to a folder that holds {ds.relpath}")
-    source = ds.url + (f" (the file {ds.member} inside the zip)" if ds.member else "")
     return (
         f"dataset {ds.name!r} ({ds.relpath}) is not available offline and could not be "
-        f"downloaded: {reason}\nDownload it from {source}\nand put it at:\n" + "\n".join(where)
+        f"downloaded: {reason}\nDownload it from {_source(ds)}\nand put it at:\n" + "\n".join(where)
     )
 
 
+def _source(ds: Dataset) -> str:
+    return ds.url + (f" (the file {ds.member} inside the zip)" if ds.member else "")
+
+
+# What a failed download raises: refused or broken connections, HTTP errors, a broken
+# reply (http.client.HTTPException is not an OSError), a disk that is full or read-only.
+_DOWNLOAD_ERRORS = (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError)
+
+# Versions of files already verified in this process: (resolved path, size, mtime_ns,
+# ctime_ns, inode, expected sha256). Kept in memory only: a record on disk would trust a
+# file whose bytes rotted without a change of mtime, and hashing costs milliseconds.
+_VERIFIED: set[tuple[str, int, int, int, int, str]] = set()
+
+
+def _version(file: Path, ds: Dataset, st: os.stat_result) -> tuple[str, int, int, int, int, str]:
+    """The key under which a verified file is remembered (see ``_VERIFIED``)."""
+    resolved = str(file.resolve())
+    return (resolved, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, ds.sha256)
+
+
+def _mismatch(file: Path, ds: Dataset, *, remember: bool = True) -> str | None:
+    """What is wrong with ``file`` as a copy of ``ds`` (size, then SHA-256), or None.
+
+    A version of a file found good is remembered (``remember``) and not hashed again.
+    """
+    try:
+        st = file.stat()
+        if _version(file, ds, st) in _VERIFIED:
+            return None
+        if ds.size is not None and st.st_size != ds.size:
+            empty = " (an empty file)" if st.st_size == 0 else ""
+            return (
+                f"expected {ds.size:,} bytes with sha256 {ds.sha256}, "
+                f"found {st.st_size:,} bytes{empty}"
+            )
+        got = sha256_file(file)
+    except OSError as e:
+        raise DataError(f"cannot read {file}: {e.strerror or e}; check its permissions") from e
+    if got != ds.sha256:
+        empty = " (an empty file)" if st.st_size == 0 else ""
+        return f"expected sha256 {ds.sha256}, found sha256 {got} ({st.st_size:,} bytes{empty})"
+    if remember:
+        _VERIFIED.add(_version(file, ds, st))
+    return None
+
+
+# Temp files we write: mkstemp names, a dot, the final name, 8 random characters.
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.(part|tmp)$")
+_STALE_AFTER_S = 600.0  # a live writer touches its file far more often than this
+
+
+def _hold_lock(fd: int) -> None:
+    """Take an exclusive lock on a temp file being written; it ends when the file closes."""
+    if fcntl is not None:
+        # On a filesystem without locks this fails, and the age rule alone protects the file.
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _remove_stale_temps(folder: Path) -> None:
+    """Delete temp files that a killed process left in ``folder`` (one of our caches).
+
+    A temp file is stale when it has not been written for ``_STALE_AFTER_S`` and no
+    process holds its lock; on Windows, where there is no lock, a file still open
+    elsewhere cannot be deleted, and the error is ignored.
+    """
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return  # no such folder yet: nothing to clean
+    now = time.time()
+    for entry in entries:
+        if not _TEMP_NAME.match(entry.name):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not entry.is_file(follow_symlinks=False) or now - st.st_mtime < _STALE_AFTER_S:
+                continue
+            if fcntl is None:
+                os.unlink(entry.path)
+                continue
+            with open(entry.path, "rb") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # its writer is alive
+                os.unlink(entry.path)
+        except OSError:
+            continue  # gone already, or in use: leave it
+
+
 def _download(ds: Dataset, dest: Path, *, progress: bool) -> None:
-    """Download ``ds`` to ``dest`` atomically, verifying its SHA-256."""
+    """Download ``ds`` to ``dest`` atomically, verifying its size and SHA-256."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     # Temporary files live next to the destination so the final rename is atomic.
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    _hold_lock(fd)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
             _fetch(ds.url, out, desc=ds.name, progress=progress)
         if ds.member is not None:
             tmp = _extract_member(tmp, ds.member, dest.parent)
-        got = sha256_file(tmp)
-        if got != ds.sha256:
+        problem = _mismatch(tmp, ds, remember=False)
+        if problem:
             raise DataError(
-                f"checksum mismatch for {ds.name!r} downloaded from {ds.url}: expected "
-                f"sha256 {ds.sha256}, got {got}. The file was discarded; try again, or "
-                f"put a good copy at {dest}"
+                f"checksum mismatch for {ds.name!r} downloaded from {_source(ds)}: {problem}. "
+                f"The file was discarded; try again, or put a good copy at {dest}"
             )
         os.replace(tmp, dest)
     finally:
         for leftover in {Path(tmp_name), tmp}:
             leftover.unlink(missing_ok=True)
+    _VERIFIED.add(_version(dest, ds, dest.stat()))  # verified above, under its temp name
 
 
 def _fetch(url: str, out, *, desc: str, progress: bool) -> None:
@@ -322,19 +483,20 @@ def _fetch(url: str, out, *, desc: str, progress: bool) -> None:
 
 def _extract_member(archive: Path, member: str, where: Path) -> Path:
     """Copy ``member`` out of the zip ``archive`` into a new temp file; drop the zip."""
-    fd, out_name = tempfile.mkstemp(prefix=".unzip.", suffix=".part", dir=where)
+    fd, out_name = tempfile.mkstemp(prefix=f".{Path(member).name}.", suffix=".part", dir=where)
+    _hold_lock(fd)
     try:
-        with zipfile.ZipFile(archive) as zf, os.fdopen(fd, "wb") as out:
+        with os.fdopen(fd, "wb") as out, zipfile.ZipFile(archive) as zf:
             try:
                 src = zf.open(member)
             except KeyError as e:
                 raise DataError(f"{member!r} is not inside the archive {archive.name}") from e
             with src:
                 shutil.copyfileobj(src, out)
-    except zipfile.BadZipFile as e:
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
         Path(out_name).unlink(missing_ok=True)
         raise DataError(f"the download is not a valid zip archive ({e}); it was discarded") from e
-    except DataError:
+    except BaseException:
         Path(out_name).unlink(missing_ok=True)
         raise
     finally:
@@ -421,8 +583,11 @@ def load_tokens(file: str | os.PathLike[str]) -> np.ndarray:
         raise DataError(f"token file not found: {file}")
     try:
         ids = np.load(file, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise DataError(f"{file} is not a valid token file (truncated or corrupt?): {e}") from e
+    except (ValueError, OSError, EOFError) as e:  # EOFError: an empty file
+        raise DataError(
+            f"{file} is not a valid token file (truncated or corrupt?): {e}; delete it and "
+            "encode the text again (cached_tokens does both)"
+        ) from e
     if ids.ndim != 1 or ids.dtype not in (np.uint16, np.uint32):
         raise DataError(
             f"{file} should hold a 1-D uint16/uint32 array, got {ids.dtype} {ids.shape}"
@@ -443,12 +608,28 @@ def cached_tokens(
 
     ``key`` names the tokenizer (e.g. ``"char"`` or ``"gpt2"``); the file name also
     holds a hash of the text and the key, so a changed text or tokenizer gets a new
-    file instead of stale ids.
+    file instead of stale ids. A damaged file (truncated by a full disk, say) is
+    encoded again with a warning; temp files of a killed run are cleaned up.
+
+    Raises:
+        DataError: the token file cannot be written under ``directory``.
     """
     digest = hashlib.sha256(f"{key}\0{vocab_size}\0".encode() + text.encode()).hexdigest()[:16]
-    file = Path(directory or cache_dir()) / "tokens" / f"{key}-{digest}.npy"
-    if not file.is_file():
+    folder = Path(directory or cache_dir()) / "tokens"
+    file = folder / f"{key}-{digest}.npy"
+    _remove_stale_temps(folder)
+    if file.is_file():
+        try:
+            return load_tokens(file)
+        except DataError as e:
+            warnings.warn(f"{e}; encoding the text again", stacklevel=2)
+    try:
         encode_to_file(text, encode, file, vocab_size=vocab_size, progress=progress)
+    except OSError as e:
+        raise DataError(
+            f"cannot write the token cache {file}: {e.strerror or e}; pass directory= a "
+            "writable folder, or set MINIGPT_CACHE_DIR to one"
+        ) from e
     return load_tokens(file)
 
 
