@@ -7,14 +7,13 @@ ch00.q1.check(bigram_counts)
 from __future__ import annotations
 
 import math
-import numbers
 from collections import Counter
 from collections.abc import Mapping
 from itertools import pairwise
 
 import torch
 
-from minigpt.exercises.core import Incorrect, Question, call, close
+from minigpt.exercises.core import Incorrect, Question, call, close, ints, number
 
 __all__ = ["q1", "q2", "q3", "q4", "q5", "q6"]
 
@@ -58,12 +57,13 @@ def bigram_counts(text):
             if not isinstance(got, Mapping):
                 raise Incorrect(f"expected a Counter (or dict), got {type(got).__name__}")
             want = Counter(pairwise(text))
-            got = {k: v for k, v in got.items() if v != 0}
             for key in got:
                 if not (isinstance(key, tuple) and len(key) == 2):
                     raise Incorrect(
                         f"keys should be (first, second) tuples like ('h', 'e'), got {key!r}"
                     )
+            counts = {k: number(v, f"the count of {k!r}", integer=True) for k, v in got.items()}
+            got = {k: v for k, v in counts.items() if v != 0}
             if got != dict(want):
                 missing = sorted(set(want) - set(got))
                 extra = sorted(set(got) - set(want))
@@ -118,7 +118,7 @@ def normalize_rows(counts):
     def _check(self, fn):
         for V, seed in ((3, 0), (5, 1), (65, 2)):
             counts = _random_counts(V, seed)
-            got = call(fn, counts.clone())
+            got = call(fn, counts)
             if not isinstance(got, torch.Tensor):
                 raise Incorrect(f"expected a tensor, got {type(got).__name__}")
             if not got.is_floating_point():
@@ -181,7 +181,7 @@ def apply_temperature(probs, T):
         for shape, seed in (((6,), 0), ((4, 7), 1)):
             probs = _random_probs(shape, seed)
             for T in (1.0, 0.5, 2.0, 0.1):
-                got = call(fn, probs.clone(), T)
+                got = call(fn, probs, T)
                 if not isinstance(got, torch.Tensor):
                     raise Incorrect(f"expected a tensor, got {type(got).__name__}")
                 if got.shape != probs.shape:
@@ -242,15 +242,7 @@ def average_nll(probs, ids):
             (_random_probs((5, 5), 2), [1, 3]),
         ]
         for probs, ids in cases:
-            got = call(fn, probs.clone(), list(ids))
-            if isinstance(got, torch.Tensor):
-                if got.numel() != 1:
-                    raise Incorrect(
-                        f"expected one number, got a tensor of shape {tuple(got.shape)}"
-                    )
-                got = got.item()
-            if not isinstance(got, numbers.Real):
-                raise Incorrect(f"expected a float, got {type(got).__name__}")
+            got = number(call(fn, probs, ids), f"average_nll for ids {ids}")
             want = self._ref(probs, ids)
             if not math.isclose(got, want, rel_tol=1e-4, abs_tol=1e-6):
                 raise Incorrect(
@@ -296,11 +288,7 @@ answer = math.exp(-math.log(1 / 65))   # = 65: as unsure as picking among 65 equ
 """
 
     def _check(self, answer):
-        if callable(answer) or isinstance(answer, bool) or not isinstance(answer, numbers.Real):
-            if isinstance(answer, torch.Tensor) and answer.numel() == 1:
-                answer = answer.item()
-            else:
-                raise Incorrect(f"expected a number, got {type(answer).__name__}")
+        answer = number(answer, "your answer")
         if math.isclose(answer, math.log(65), rel_tol=1e-3):
             raise Incorrect("that is the average NLL, ln(65); perplexity is exp(NLL)")
         if math.isclose(answer, 1 / 65, rel_tol=1e-3):
@@ -342,12 +330,7 @@ def greedy(probs, start_id, n):
     def _check(self, fn):
         for V, start, n, seed in ((4, 0, 6, 0), (7, 3, 10, 1), (7, 6, 0, 2)):
             probs = _random_probs((V, V), seed)
-            got = call(fn, probs.clone(), start, n)
-            if isinstance(got, torch.Tensor):
-                got = got.tolist()
-            if not isinstance(got, (list, tuple)):
-                raise Incorrect(f"expected a list of ids, got {type(got).__name__}")
-            got = [int(i) for i in got]
+            got = ints(call(fn, probs, start, n), f"greedy(probs, {start}, {n})")
             want = self._ref(probs, start, n)
             if len(got) != len(want):
                 raise Incorrect(

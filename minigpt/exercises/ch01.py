@@ -10,7 +10,7 @@ from collections import Counter
 from functools import lru_cache
 from itertools import pairwise
 
-from minigpt.exercises.core import Incorrect, Question, call
+from minigpt.exercises.core import Incorrect, Question, call, ints, number
 from minigpt.tokenizer import BPETokenizer, _merge_pair
 
 __all__ = ["q1", "q2", "q3", "q4", "q5", "q6"]
@@ -52,10 +52,16 @@ def _small_tokenizer() -> BPETokenizer:
     return BPETokenizer.train(text, 320, special_tokens=[EOT])
 
 
-def _as_int(x, what):
-    if isinstance(x, bool) or not isinstance(x, int):
-        raise Incorrect(f"{what} should be an int, got {type(x).__name__}")
-    return x
+def _merges(got, what):
+    """The learner's merges as a list of (bytes, bytes) tuples."""
+    if not isinstance(got, (list, tuple)):
+        raise Incorrect(f"{what}: return a list of merges, got {type(got).__name__}")
+    out = []
+    for m in got:
+        if not (isinstance(m, (tuple, list)) and len(m) == 2 and all(type(p) is bytes for p in m)):
+            raise Incorrect("return the merges as (bytes, bytes) pairs, e.g. (b'a', b'b')")
+        out.append((bytes(m[0]), bytes(m[1])))
+    return out
 
 
 class PairCounts(Question):
@@ -78,7 +84,11 @@ def get_pair_counts(ids):
             got = call(fn, list(ids))
             if not hasattr(got, "items"):
                 raise Incorrect(f"return a dict of pair -> count, got {type(got).__name__}")
-            got = {tuple(k): v for k, v in got.items() if v}
+            got = {
+                tuple(ints(k, "a pair")): number(v, f"the count of {k!r}", integer=True)
+                for k, v in got.items()
+            }
+            got = {k: v for k, v in got.items() if v}
             want = _ref_pair_counts(ids)
             if got != want:
                 raise Incorrect(f"get_pair_counts({ids}) returned {got}, expected {want}")
@@ -126,9 +136,9 @@ def merge(ids, pair, new_id):
 
     def _check(self, fn):
         for ids, pair, new_id in self.cases:
-            got = call(fn, list(ids), pair, new_id)
+            got = ints(call(fn, list(ids), pair, new_id), f"merge({ids}, {pair}, {new_id})")
             want = _ref_merge(ids, pair, new_id)
-            if list(got) != want:
+            if got != want:
                 raise Incorrect(f"merge({ids}, {pair}, {new_id}) returned {got}, expected {want}")
 
     def reference(self):
@@ -197,17 +207,14 @@ def train_bpe(text, num_merges):
 
     def _check(self, fn):
         for text, n in self.cases:
-            got = call(fn, text, n)
-            got = [tuple(m) for m in got]
-            if got and not all(isinstance(p, bytes) for m in got for p in m):
-                raise Incorrect("return the merges as (bytes, bytes) pairs, e.g. (b'a', b'b')")
+            got = _merges(call(fn, text, n), f"train_bpe({text!r}, {n})")
             want = _ref_train_bpe(text, n)
             if got != want:
                 raise Incorrect(f"train_bpe({text!r}, {n}) returned {got}, expected {want}")
         # and it is the package's trainer when the whole text is one chunk
         text = "the cat sat on the mat with the hat"
         want = BPETokenizer.train(text, 256 + 8, pattern=r"[\s\S]+").merges
-        got = [tuple(m) for m in call(fn, text, 8)]
+        got = _merges(call(fn, text, 8), f"train_bpe({text!r}, 8)")
         if got != want:
             raise Incorrect(f"train_bpe({text!r}, 8) returned {got}, expected {want}")
 
@@ -279,7 +286,7 @@ def count_tokens(tokenizer, documents):
     def _check(self, fn):
         tok = _small_tokenizer()
         for docs in self.cases:
-            got = _as_int(call(fn, tok, list(docs)), "count_tokens(...)")
+            got = number(call(fn, tok, list(docs)), "count_tokens(...)", integer=True)
             want = sum(len(tok.encode(d)) + 1 for d in docs)
             if got != want:
                 raise Incorrect(
@@ -330,7 +337,7 @@ def safe_decode(vocab, ids):
         vocab, cases = self._cases()
         for ids in cases:
             got = call(fn, dict(vocab), list(ids))
-            if not isinstance(got, str):
+            if type(got) is not str:
                 raise Incorrect(f"return a str, got {type(got).__name__}")
             want = b"".join(vocab[i] for i in ids).decode("utf-8", errors="replace")
             if got != want:
@@ -362,9 +369,7 @@ def bytes_per_token(tokenizer, text):
     def _check(self, fn):
         tok = _small_tokenizer()
         for text in self.cases:
-            got = call(fn, tok, text)
-            if isinstance(got, bool) or not isinstance(got, (int, float)):
-                raise Incorrect(f"return a number, got {type(got).__name__}")
+            got = number(call(fn, tok, text), f"bytes_per_token(tokenizer, {text!r})")
             want = len(text.encode("utf-8")) / len(tok.encode(text))
             if abs(got - want) > 1e-9:
                 raise Incorrect(

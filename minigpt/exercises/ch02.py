@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from minigpt.exercises.core import Incorrect, Question, call, close
+from minigpt.exercises.core import (
+    Incorrect,
+    LearnerError,
+    NotAttempted,
+    Question,
+    call,
+    close,
+    ints,
+)
 
 __all__ = ["q1", "q2", "q3", "q4", "q5"]
 
@@ -133,8 +141,7 @@ def nearest(E, i, k):
         E = torch.randn(30, 5, generator=gen)
         E *= torch.rand(30, 1, generator=gen) * 10 + 0.1  # norms differ a lot
         for i, k in ((0, 3), (7, 5), (29, 1)):
-            got = call(fn, E.clone(), i, k)
-            got = torch.as_tensor(got).flatten().tolist()
+            got = ints(call(fn, E, i, k), f"nearest(E, {i}, {k})")
             want = _nearest(E, i, k)
             if i in got:
                 raise Incorrect(f"nearest(E, {i}, {k}) contains {i} itself")
@@ -200,7 +207,7 @@ def rope(x, base=10000.0):
         gen = torch.Generator().manual_seed(4)
         for T, hs in ((1, 2), (5, 4), (12, 16)):
             x = torch.randn(T, hs, generator=gen)
-            got = call(fn, x.clone())
+            got = call(fn, x)
             if not isinstance(got, torch.Tensor):
                 raise Incorrect(f"expected a tensor, got {type(got).__name__}")
             close(got, _rope(x.double()), what=f"rope of a ({T}, {hs}) input")
@@ -245,20 +252,26 @@ def add_positions(tok_emb, table, offset):
         table = torch.randn(10, 4, generator=gen)
         for B, T, offset in ((2, 3, 0), (1, 4, 6), (3, 1, 9)):
             tok = torch.randn(B, T, 4, generator=gen)
-            got = call(fn, tok.clone(), table, offset)
+            got = call(fn, tok, table, offset)
             close(got, tok + table[offset : offset + T], what=f"T={T}, offset={offset}")
+        past_the_end = "positions 8..10 are past a 10-row table"
         try:
-            got = fn(torch.zeros(1, 3, 4), table, 8)
-        except ValueError:
-            return
-        except IndexError:
+            got = call(fn, torch.zeros(1, 3, 4), table, 8)
+        except LearnerError as e:
+            if isinstance(e.error, ValueError):
+                return
+            if isinstance(e.error, IndexError):
+                raise Incorrect(
+                    f"{past_the_end}: raise a ValueError that says so (not an IndexError)"
+                ) from None
+            raise
+        except NotAttempted:
             raise Incorrect(
-                "positions 8..10 are past a 10-row table: raise a ValueError that says so "
-                "(not an IndexError)"
+                f"{past_the_end}, but your function returned None: raise a ValueError"
             ) from None
+        shape = f" of shape {tuple(got.shape)}" if isinstance(got, torch.Tensor) else ""
         raise Incorrect(
-            "positions 8..10 are past a 10-row table, but your function returned a result "
-            f"of shape {tuple(torch.as_tensor(got).shape)}: raise a ValueError instead"
+            f"{past_the_end}, but your function returned a result{shape}: raise a ValueError instead"
         )
 
     def reference(self):

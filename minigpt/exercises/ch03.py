@@ -6,15 +6,9 @@ import math
 
 import torch
 
-from minigpt.exercises.core import Incorrect, Question, call, close
+from minigpt.exercises.core import Incorrect, Question, call, close, tensor
 
 __all__ = ["q1", "q2", "q3", "q4", "q5"]
-
-
-def _tensor(got, what):
-    if not isinstance(got, torch.Tensor):
-        raise Incorrect(f"{what}: expected a tensor, got {type(got).__name__}")
-    return got
 
 
 class CausalMask(Question):
@@ -30,7 +24,7 @@ def causal_mask(T):
 
     def _check(self, fn):
         for T in (1, 3, 6):
-            got = _tensor(call(fn, T), f"causal_mask({T})")
+            got = tensor(call(fn, T), f"causal_mask({T})")
             if got.dtype != torch.bool:
                 raise Incorrect(f"expected a bool tensor (True = attend), got {got.dtype}")
             want = torch.tril(torch.ones(T, T, dtype=torch.bool))
@@ -87,7 +81,7 @@ def attention(q, k, v, mask=None):
             q = torch.randn(*qs, generator=gen, dtype=torch.float64)
             k = torch.randn(*ks, generator=gen, dtype=torch.float64)
             v = torch.randn(*vs, generator=gen, dtype=torch.float64)
-            got = _tensor(call(fn, q, k, v, mask), "attention")
+            got = tensor(call(fn, q, k, v, mask), "attention")
             what = f"attention with q of shape {qs}" + (
                 " and a causal mask" if mask is not None else ""
             )
@@ -141,7 +135,7 @@ def split_heads(x, n_head):
         gen = torch.Generator().manual_seed(8)
         for B, T, C, H in ((1, 3, 4, 2), (2, 5, 12, 3), (2, 4, 8, 1)):
             x = torch.randn(B, T, C, generator=gen)
-            got = _tensor(call(fn, x.clone(), H), "split_heads")
+            got = tensor(call(fn, x, H), "split_heads")
             close(got, _split(x, H), what=f"split_heads of a {(B, T, C)} input into {H} heads")
 
     def reference(self):
@@ -184,7 +178,7 @@ def merge_heads(y):
         gen = torch.Generator().manual_seed(9)
         for shape in ((1, 2, 3, 2), (2, 3, 5, 4), (2, 1, 4, 6)):
             y = torch.randn(*shape, generator=gen)
-            got = _tensor(call(fn, y.clone()), "merge_heads")
+            got = tensor(call(fn, y), "merge_heads")
             close(got, _merge(y), what=f"merge_heads of a {shape} input")
         x = torch.randn(2, 5, 12, generator=gen)
         close(call(fn, _split(x, 3)), x, what="merge_heads(split_heads(x, 3)) (should give back x)")
@@ -228,7 +222,7 @@ def repeat_kv(k, n_rep):
         gen = torch.Generator().manual_seed(10)
         for shape, n_rep in (((1, 2, 3, 4), 2), ((2, 3, 4, 2), 4), ((1, 4, 2, 2), 1)):
             k = torch.randn(*shape, generator=gen)
-            got = _tensor(call(fn, k.clone(), n_rep), "repeat_kv")
+            got = tensor(call(fn, k, n_rep), "repeat_kv")
             close(got, _repeat_kv(k, n_rep), what=f"repeat_kv of a {shape} input, n_rep={n_rep}")
 
     def reference(self):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minigpt.exercises.core import Incorrect, Question, call, close
+from minigpt.exercises.core import Incorrect, Question, call, call_modifying, close, number
 
 __all__ = ["q1", "q2", "q3", "q4", "q5"]
 
@@ -44,7 +44,7 @@ def layer_norm(x, weight, bias, eps=1e-5):
 
     def _check(self, fn):
         for x, w, b in _layer_norm_inputs():
-            got = call(fn, x.clone(), w, b, 1e-5)
+            got = call(fn, x, w, b, 1e-5)
             if not isinstance(got, torch.Tensor):
                 raise Incorrect(f"expected a tensor, got {type(got).__name__}")
             close(
@@ -125,14 +125,7 @@ def gpt2_num_parameters(vocab_size, block_size, n_layer, n_embd):
             (1000, 32, 3, 48),
             (7, 5, 1, 8),
         ]:
-            got = call(fn, V, T, L, C)
-            if isinstance(got, torch.Tensor):
-                got = got.item()
-            if not isinstance(got, int) or isinstance(got, bool):
-                if isinstance(got, float) and got.is_integer():
-                    got = int(got)
-                else:
-                    raise Incorrect(f"expected an int, got {got!r}")
+            got = number(call(fn, V, T, L, C), "the parameter count", integer=True)
             want = _gpt2_count(V, T, L, C)
             if got != want:
                 diff = got - want
@@ -190,7 +183,7 @@ def block_forward(block, x):
         for block in _blocks():
             x = torch.randn(2, 7, block.ln_1.weight.shape[0], generator=g)
             with torch.no_grad():
-                got = call(fn, block, x.clone())
+                got = call(fn, block, x)
                 want = block(x)
             if not isinstance(got, torch.Tensor):
                 raise Incorrect(f"expected a tensor, got {type(got).__name__}")
@@ -241,7 +234,8 @@ def tie_weights(model):
         config = GPTConfig.preset("tiny", vocab_size=50, tie_weights=False)
         model = GPT(config)
         untied = model.num_parameters()
-        got = call(fn, model)
+        before = {k: t.clone() for k, t in model.state_dict().items()}
+        got = call_modifying(fn, model)  # tying changes the model: that is the exercise
         if not isinstance(got, GPT):
             raise Incorrect(f"return the model, got {type(got).__name__}")
         if got.lm_head.weight.shape != got.wte.weight.shape:
@@ -256,6 +250,14 @@ def tie_weights(model):
             )
         if got.num_parameters() != untied - 50 * config.n_embd:
             raise Incorrect("the tied model should have V*C fewer parameters")
+        after = got.state_dict()
+        for k, t in before.items():
+            want = before["wte.weight"] if k == "lm_head.weight" else t
+            if k not in after or not torch.equal(after[k], want):
+                raise Incorrect(
+                    f"{k} changed its values: tying only makes lm_head share wte's weight, "
+                    "every weight keeps the value it had"
+                )
         idx = torch.randint(0, 50, (1, 8))
         _, loss = got(idx, idx)
         loss.backward()
@@ -300,7 +302,7 @@ def rms_norm(x, weight, eps=1e-5):
 
     def _check(self, fn):
         for x, w, _ in _layer_norm_inputs():
-            got = call(fn, x.clone(), w, 1e-5)
+            got = call(fn, x, w, 1e-5)
             if not isinstance(got, torch.Tensor):
                 raise Incorrect(f"expected a tensor, got {type(got).__name__}")
             close(got, F.rms_norm(x, (x.shape[-1],), w, 1e-5), what=f"rms_norm of {tuple(x.shape)}")

@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from minigpt.exercises.core import Incorrect, Question, call, close
+from minigpt.exercises.core import Incorrect, Question, call, close, tensor
 
 __all__ = ["q1", "q2", "q3", "q4", "q5"]
 
@@ -45,7 +45,7 @@ def softmax_with_temperature(logits, temperature):
         for seed, shape in ((0, (7,)), (1, (3, 11))):
             logits = _logits(seed, *shape)
             for t in (0.5, 1.0, 2.0):
-                got = call(fn, logits.clone(), t)
+                got = call(fn, logits, t)
                 if not isinstance(got, torch.Tensor):
                     raise Incorrect(f"expected a tensor, got {type(got).__name__}")
                 if got.shape != logits.shape:
@@ -57,7 +57,7 @@ def softmax_with_temperature(logits, temperature):
                     )
                 close(got, _softmax_t(logits, t), what=f"probabilities at temperature {t}")
         # the idea behind it: a low temperature sharpens, a high one flattens
-        low = call(fn, torch.tensor([1.0, 2.0, 3.0]), 0.1)
+        low = tensor(call(fn, torch.tensor([1.0, 2.0, 3.0]), 0.1), "temperature 0.1")
         if float(low.max()) < 0.99:
             raise Incorrect("at temperature 0.1 the likeliest token should get almost all the mass")
 
@@ -99,7 +99,7 @@ def top_k_filter(logits, k):
     def _check(self, fn):
         for seed, shape, k in ((0, (10,), 3), (1, (4, 20), 5), (2, (2, 6), 1), (3, (3, 8), 8)):
             logits = _logits(seed, *shape)
-            got = call(fn, logits.clone(), k)
+            got = call(fn, logits, k)
             if not isinstance(got, torch.Tensor) or got.shape != logits.shape:
                 raise Incorrect(f"expected a tensor of shape {tuple(logits.shape)}")
             kept = torch.isfinite(got)
@@ -146,6 +146,14 @@ def _top_p(logits, p):
     return torch.empty_like(logits).scatter(-1, order, sorted_logits)
 
 
+def _dropped_are_minus_inf(got):
+    if (got[~torch.isfinite(got)] != float("-inf")).any():
+        raise Incorrect(
+            "a dropped token's logit must be float('-inf') (not NaN or +inf), so that softmax "
+            "gives it probability 0"
+        )
+
+
 class TopP(Question):
     name = "q3"
     _hint = (
@@ -167,9 +175,10 @@ def top_p_filter(logits, p):
         # a worked case first: probabilities 0.5, 0.3, 0.15, 0.05 in a shuffled order
         logits = torch.tensor([0.05, 0.5, 0.3, 0.15]).log()
         for p, want in ((0.4, [1]), (0.6, [1, 2]), (0.9, [1, 2, 3]), (1.0, [0, 1, 2, 3])):
-            got = call(fn, logits.clone(), p)
+            got = call(fn, logits, p)
             if not isinstance(got, torch.Tensor) or got.shape != logits.shape:
                 raise Incorrect(f"expected a tensor of shape {tuple(logits.shape)}")
+            _dropped_are_minus_inf(got)
             kept = torch.isfinite(got).nonzero().flatten().tolist()
             if kept != want:
                 raise Incorrect(
@@ -178,7 +187,10 @@ def top_p_filter(logits, p):
                 )
         for seed, shape, p in ((0, (12,), 0.7), (1, (3, 30), 0.9), (2, (2, 9), 0.25)):
             logits = _logits(seed, *shape)
-            got = call(fn, logits.clone(), p)
+            got = call(fn, logits, p)
+            if not isinstance(got, torch.Tensor) or got.shape != logits.shape:
+                raise Incorrect(f"expected a tensor of shape {tuple(logits.shape)}")
+            _dropped_are_minus_inf(got)
             if not torch.equal(torch.isfinite(got), torch.isfinite(_top_p(logits, p))):
                 raise Incorrect(f"random logits of shape {tuple(shape)}, p={p}: wrong tokens kept")
             kept = torch.isfinite(got)
@@ -246,7 +258,9 @@ def cached_attention_step(q, k_new, v_new, k_cache, v_cache):
             got = call(fn, q_all[:, :, s], k_all[:, :, s], v_all[:, :, s], k_cache, v_cache)
             if not isinstance(got, tuple) or len(got) != 3:
                 raise Incorrect("return three things: (output, new k cache, new v cache)")
-            out, k_cache, v_cache = got
+            out, k_cache, v_cache = (
+                tensor(x, w) for x, w in zip(got, ("the output", "the k cache", "the v cache"))
+            )
             if tuple(k_cache.shape) != (B, H, t + 1, hs) or tuple(v_cache.shape) != (
                 B,
                 H,
@@ -317,7 +331,7 @@ def repetition_penalty(logits, ids, penalty):
     def _check(self, fn):
         logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0]])
         ids = torch.tensor([[0, 1, 1]])
-        got = call(fn, logits.clone(), ids, 2.0)
+        got = call(fn, logits, ids, 2.0)
         close(
             got,
             torch.tensor([[1.0, -2.0, 0.5, 3.0, -2.0]]),
@@ -326,7 +340,7 @@ def repetition_penalty(logits, ids, penalty):
         for seed, (B, V, T) in ((0, (2, 12, 5)), (1, (3, 30, 9))):
             logits = _logits(seed, B, V)
             ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
-            got = call(fn, logits.clone(), ids, 1.5)
+            got = call(fn, logits, ids, 1.5)
             close(got, _penalty(logits, ids, 1.5), what=f"random logits ({B}, {V}), penalty 1.5")
 
     def reference(self):

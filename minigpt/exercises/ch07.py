@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from minigpt.exercises.core import Incorrect, Question, call, close
+from minigpt.exercises.core import Incorrect, Question, call, close, ints, number, tensor
 
 __all__ = ["q1", "q2", "q3", "q4", "q5", "q6"]
 
@@ -25,7 +25,7 @@ def last_token_states(hidden, lengths):
         g = torch.Generator().manual_seed(0)
         hidden = torch.randn(4, 6, 3, generator=g)
         lengths = torch.tensor([6, 2, 1, 4])
-        got = call(fn, hidden.clone(), lengths.clone())
+        got = call(fn, hidden, lengths)
         if not isinstance(got, torch.Tensor):
             raise Incorrect(f"expected a tensor, got {type(got).__name__}")
         if tuple(got.shape) != (4, 3):
@@ -82,7 +82,7 @@ def make_example(seq, n_prompt, T, pad_id=0):
             got = call(fn, list(seq), n_prompt, T, pad_id)
             if not isinstance(got, (tuple, list)) or len(got) != 2:
                 raise Incorrect("return a pair (inputs, targets)")
-            inputs, targets = (list(torch.as_tensor(x).tolist()) for x in got)
+            inputs, targets = ints(got[0], "inputs"), ints(got[1], "targets")
             want_in, want_tg = self._reference(seq, n_prompt, T, pad_id)
             what = f"make_example({seq}, n_prompt={n_prompt}, T={T}, pad_id={pad_id})"
             if inputs != want_in:
@@ -169,7 +169,7 @@ def merge(W, A, B, alpha):
         for n_in, n_out, r, alpha in ((6, 4, 2, 8.0), (5, 5, 3, 3.0)):
             W = torch.randn(n_out, n_in, generator=g)
             A, B = torch.randn(r, n_in, generator=g), torch.randn(n_out, r, generator=g)
-            got = call(fn, W.clone(), A, B, alpha)
+            got = tensor(call(fn, W, A, B, alpha), "the merged weight")
             close(got, W + (alpha / r) * (B @ A), what=f"merged weight ({n_out}x{n_in}, rank {r})")
             x = torch.randn(3, n_in, generator=g)
             close(
@@ -200,15 +200,11 @@ def lora_parameters(layers, rank):
     def _check(self, fn):
         cases = [([(64, 192), (64, 64)], 4), ([(128, 512), (512, 128)], 8), ([(10, 10)], 1)]
         for layers, rank in cases:
-            got = call(fn, list(layers), rank)
+            got = number(call(fn, layers, rank), "lora_parameters(...)", integer=True)
             want = sum(rank * (a + b) for a, b in layers)
-            if not isinstance(got, int) and not (
-                isinstance(got, torch.Tensor) and got.numel() == 1
-            ):
-                raise Incorrect(f"expected an integer, got {type(got).__name__}")
-            if int(got) != want:
+            if got != want:
                 raise Incorrect(
-                    f"lora_parameters({layers}, rank={rank}) should be {want}, got {int(got)}"
+                    f"lora_parameters({layers}, rank={rank}) should be {want}, got {got}"
                 )
 
     def reference(self):
@@ -247,7 +243,7 @@ def text_log_likelihood(logp, idx, lengths):
         logp = torch.log_softmax(torch.randn(3, 5, 7, generator=g), dim=-1)
         idx = torch.randint(0, 7, (3, 5), generator=g)
         lengths = torch.tensor([5, 2, 3])
-        got = call(fn, logp.clone(), idx.clone(), lengths.clone())
+        got = call(fn, logp, idx, lengths)
         if not isinstance(got, torch.Tensor):
             raise Incorrect(f"expected a tensor, got {type(got).__name__}")
         if tuple(got.shape) != (3,):

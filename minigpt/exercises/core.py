@@ -19,12 +19,27 @@ wrong ones (a check that cannot fail is a defect).
 from __future__ import annotations
 
 import html
+import math
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-__all__ = ["Blank", "CheckResult", "Incorrect", "NotAttempted", "Question", "blank"]
+__all__ = [
+    "Blank",
+    "CheckResult",
+    "Incorrect",
+    "LearnerError",
+    "NotAttempted",
+    "Question",
+    "blank",
+    "call",
+    "call_modifying",
+    "close",
+    "ints",
+    "number",
+    "tensor",
+]
 
 
 class Incorrect(Exception):
@@ -86,16 +101,73 @@ def _is_blank(answer: Any) -> bool:
     return answer is None or answer is Ellipsis or isinstance(answer, Blank)
 
 
-def _describe(e: BaseException) -> str:
-    """One line naming an exception from learner code and where it happened."""
-    frames = traceback.extract_tb(e.__traceback__)
-    where = ""
-    # the innermost frame that is not inside this package is the learner's line
-    for frame in reversed(frames):
-        if "minigpt/exercises" not in frame.filename.replace("\\", "/"):
-            where = f" (line {frame.lineno}: {frame.line.strip()})" if frame.line else ""
-            break
-    return f"{type(e).__name__}: {e}{where}"
+class LearnerError(Exception):
+    """The learner's function raised ``error`` (anything but KeyboardInterrupt).
+
+    ``call`` wraps it so that ``check`` can tell the learner's bug from an answer
+    the checker could not work with; a checker that expects an error (a function
+    that must raise ``ValueError``) catches this and looks at ``error``.
+    """
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(_type_name(error))
+        self.error = error
+
+
+_MAX_MESSAGE = 600  # characters: a huge answer must not flood the notebook
+
+
+def _shorten(text: str, limit: int = _MAX_MESSAGE) -> str:
+    return text if len(text) <= limit else text[: limit - 5] + " ..."
+
+
+def _type_name(x: Any) -> str:
+    try:
+        return str.__str__(type(x).__name__)
+    except Exception:
+        return "object"
+
+
+def _safe_text(x: Any) -> str:
+    """``str(x)``, or its repr, or its type: learner objects may break all of those."""
+    for render in (str, repr):
+        try:
+            return str.__str__(render(x))  # a plain str, even from a str subclass
+        except KeyboardInterrupt:
+            raise
+        except BaseException:  # str() of learner objects may do anything
+            continue
+    return f"<{_type_name(x)} object>"
+
+
+def _library_dirs() -> tuple[str, ...]:
+    """Folders whose frames are never the learner's line: this package, torch, the stdlib."""
+    import sysconfig
+    from pathlib import Path
+
+    dirs = {str(Path(__file__).resolve().parents[1])}
+    paths = sysconfig.get_paths()
+    dirs.update(paths[k] for k in ("stdlib", "purelib", "platlib") if k in paths)
+    return tuple(d.replace("\\", "/").rstrip("/") + "/" for d in dirs)
+
+
+def _learner_line(e: BaseException) -> str:
+    """' (line N: code)' for the innermost frame of the learner's own code, or ''."""
+    try:
+        frames = traceback.extract_tb(e.__traceback__)[1:]  # [0] is call() itself
+        skip = _library_dirs()
+        for frame in reversed(frames):
+            if not frame.filename.replace("\\", "/").startswith(skip):
+                return f" (line {frame.lineno}: {frame.line.strip()})" if frame.line else ""
+    except Exception:
+        pass
+    return ""
+
+
+def _describe(e: BaseException, where: str = "") -> str:
+    """One line naming an exception: its type, its message, and where it happened."""
+    text = _safe_text(e)
+    return f"{_type_name(e)}" + (f": {text}" if text else "") + where
 
 
 class Question:
@@ -117,22 +189,44 @@ class Question:
         raise NotImplementedError
 
     def check(self, answer: Any = blank) -> CheckResult:
-        """Check ``answer``; print-friendly result, never raises."""
+        """Check ``answer``; print-friendly result, never raises.
+
+        Whatever the learner's code does (raise, ``sys.exit()``, return NaN or a
+        hostile object) is reported, not raised. Only ``KeyboardInterrupt`` goes
+        through, so that the learner can stop a long check.
+        """
+        try:
+            status, message = self._outcome(answer)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # e.g. an exit while rendering the message
+            status, message = "incorrect", f"checking your answer raised {_describe(e)}"
+        return CheckResult(self.name, status, _shorten(_safe_text(message)))
+
+    def _outcome(self, answer: Any) -> tuple[str, str]:
         if _is_blank(answer):
-            return CheckResult(self.name, "not_attempted", "replace the blank with your answer")
+            return "not_attempted", "replace the blank with your answer"
         try:
             self._check(answer)
+        except KeyboardInterrupt:
+            raise
         except NotAttempted as e:
-            return CheckResult(self.name, "not_attempted", str(e) or "fill in the function")
-        except NotImplementedError:
-            return CheckResult(self.name, "not_attempted", "fill in the function body")
+            return "not_attempted", _safe_text(e) or "fill in the function"
         except Incorrect as e:
-            return CheckResult(self.name, "incorrect", str(e))
+            return "incorrect", _safe_text(e)
         except AssertionError as e:
-            return CheckResult(self.name, "incorrect", str(e) or "the answer is not right")
-        except Exception as e:  # the learner's code raised: report it, don't crash
-            return CheckResult(self.name, "incorrect", f"your code raised {_describe(e)}")
-        return CheckResult(self.name, "correct")
+            return "incorrect", _safe_text(e) or "the answer is not right"
+        except LearnerError as e:
+            if isinstance(e.error, NotImplementedError):
+                return "not_attempted", "fill in the function body"
+            return "incorrect", f"your code raised {_describe(e.error, _learner_line(e.error))}"
+        except BaseException as e:  # the answer broke the checker: say so
+            return (
+                "incorrect",
+                f"checking your answer raised {_describe(e)}: look at what your answer is "
+                "(its type, its shape)",
+            )
+        return "correct", ""
 
     def hint(self) -> None:
         """Print a hint."""
@@ -146,27 +240,231 @@ class Question:
         return f"<exercise {self.name}: .check(answer), .hint(), .solution()>"
 
 
+# ---------------------------------------------------------------- calling the learner's code
+
+
 def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call the learner's function; a ``None`` result means it is still a blank."""
+    """Call the learner's function on copies of the inputs and return its result.
+
+    The function gets deep copies (tensors, modules, lists, ...), so that the
+    checker's own inputs stay intact for computing the expected answer, and the
+    copies are compared with the originals afterwards: changing an input in place
+    is reported as incorrect. A ``None`` result means the function is still a blank.
+    """
+    return _call(fn, args, kwargs, copy_inputs=True)
+
+
+def call_modifying(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Like ``call``, for the exercises whose job is to change their input (tie weights)."""
+    return _call(fn, args, kwargs, copy_inputs=False)
+
+
+def _call(fn: Callable[..., Any], args: tuple, kwargs: dict, *, copy_inputs: bool) -> Any:
+    import copy
+    import inspect
+
     if not callable(fn):
-        raise Incorrect(f"expected a function, got {type(fn).__name__}")
-    out = fn(*args, **kwargs)
+        raise Incorrect(f"expected a function, got {_type_name(fn)}")
+    names = _bind(fn, args, kwargs)
+    given_args, given_kwargs = copy.deepcopy((args, kwargs)) if copy_inputs else (args, kwargs)
+    try:
+        out = fn(*given_args, **given_kwargs)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # SystemExit too: the check reports it
+        raise LearnerError(e) from None
+    if copy_inputs:
+        for i, (orig, given) in enumerate(zip(args, given_args)):
+            if not _same(orig, given):
+                _changed_in_place(repr(names[i]) if i < len(names) else f"number {i + 1}")
+        for k, orig in kwargs.items():
+            if not _same(orig, given_kwargs[k]):
+                _changed_in_place(repr(k))
     if out is None:
         raise NotAttempted("your function returned None: fill in its body and return the result")
+    if inspect.isgenerator(out) or inspect.iscoroutine(out):
+        raise Incorrect(
+            "your function returned a generator or coroutine (it uses yield or async): "
+            "return the result itself"
+        )
     return out
 
 
-def close(a: Any, b: Any, *, atol: float = 1e-5, rtol: float = 1e-4, what: str = "result") -> None:
-    """Assert two tensors (or array-likes) match in shape and value, with a clear message."""
+def _bind(fn: Callable[..., Any], args: tuple, kwargs: dict) -> list[str]:
+    """The names the learner gave the positional arguments; Incorrect if they do not fit."""
+    import inspect
+
+    try:
+        sig = inspect.signature(fn)
+    except Exception:  # builtins and odd callables: just call them
+        return []
+    try:
+        sig.bind(*args, **kwargs)
+    except TypeError as e:
+        n = len(args) + len(kwargs)
+        raise Incorrect(
+            f"your function cannot take the {n} argument{'s' * (n != 1)} the check passes"
+            + (f" (keywords {', '.join(kwargs)})" if kwargs else "")
+            + f": {_safe_text(e)}"
+        ) from None
+    return [
+        p.name
+        for p in sig.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+
+
+def _changed_in_place(name: str) -> None:
+    raise Incorrect(
+        f"your function changed its input {name} in place: leave the inputs as they are "
+        "and build a new result (y = x * 2, not x *= 2 or x.mul_(2))"
+    )
+
+
+def _same(orig: Any, given: Any) -> bool:
+    """Whether the copy handed to the learner still equals the checker's original.
+
+    Data is compared (tensors, modules' weights, containers, numbers, strings);
+    tools such as a tokenizer are copied but not compared (they may keep caches).
+    """
+    import torch
+    from torch import nn
+
+    if isinstance(orig, torch.Tensor):
+        if not isinstance(given, torch.Tensor):
+            return False
+        if orig.shape != given.shape or orig.dtype != given.dtype:
+            return False
+        a, b = orig.detach(), given.detach()
+        if a.is_floating_point() or a.is_complex():
+            return bool(((a == b) | (a.isnan() & b.isnan())).all())
+        return bool(torch.equal(a, b))
+    if isinstance(orig, nn.Module):
+        if not isinstance(given, nn.Module):
+            return False
+        sa, sb = orig.state_dict(), given.state_dict()
+        return list(sa) == list(sb) and all(_same(sa[k], sb[k]) for k in sa)
+    if isinstance(orig, (list, tuple)):
+        return (
+            type(given) is type(orig)
+            and len(given) == len(orig)
+            and all(_same(a, b) for a, b in zip(orig, given))
+        )
+    if isinstance(orig, dict):
+        return (
+            type(given) is type(orig)
+            and len(given) == len(orig)
+            and all(k in given and _same(v, given[k]) for k, v in orig.items())
+        )
+    if orig is None or isinstance(orig, (bool, int, float, complex, str, bytes, frozenset, set)):
+        if type(given) is not type(orig):
+            return False
+        if isinstance(orig, float) and math.isnan(orig):
+            return math.isnan(given)
+        return bool(orig == given)
+    return True
+
+
+# ---------------------------------------------------------------- comparing the learner's results
+
+
+def number(x: Any, what: str = "result", *, integer: bool = False) -> float | int:
+    """The learner's result as a plain finite Python number, or ``Incorrect`` saying why not.
+
+    Accepts ints, floats and one-element tensors (and numpy scalars); rejects bools,
+    NaN and inf. With ``integer=True`` the value must be a whole number.
+    """
+    import numbers
+
     import torch
 
-    ta = a if isinstance(a, torch.Tensor) else torch.as_tensor(a)
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise Incorrect(f"{what}: expected one number, got a tensor of shape {tuple(x.shape)}")
+        if x.dtype == torch.bool or x.is_complex():
+            raise Incorrect(f"{what}: expected a number, got a {x.dtype} tensor")
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise Incorrect(
+            f"{what}: expected {'an integer' if integer else 'a number'}, got {_type_name(x)}"
+        )
+    if integer and isinstance(x, numbers.Integral):
+        return int(x)
+    try:
+        value = float(x)
+    except OverflowError:
+        raise Incorrect(f"{what} is too large to be right") from None
+    if math.isnan(value):
+        raise Incorrect(f"{what} is NaN (not a number): look for 0 / 0 or inf - inf")
+    if math.isinf(value):
+        raise Incorrect(f"{what} is {value}: look for a division by zero or an overflow")
+    if integer:
+        if not value.is_integer():
+            raise Incorrect(f"{what}: expected an integer, got {value}")
+        return int(value)
+    return value
+
+
+def ints(x: Any, what: str = "result") -> list[int]:
+    """The learner's list (or tuple, or 1-D tensor) of whole numbers as plain ints.
+
+    Comparing plain ints means a learner object cannot pass by claiming to equal anything.
+    """
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        if x.dim() != 1:
+            raise Incorrect(
+                f"{what}: expected a list of ids, got a tensor of shape {tuple(x.shape)}"
+            )
+        x = x.tolist()
+    if not isinstance(x, (list, tuple)):
+        raise Incorrect(f"{what}: expected a list of ints, got {_type_name(x)}")
+    return [number(i, f"{what}[{n}]", integer=True) for n, i in enumerate(x)]
+
+
+def tensor(x: Any, what: str = "result") -> Any:
+    """The learner's result if it is a tensor, else ``Incorrect`` naming what it is."""
+    import torch
+
+    if not isinstance(x, torch.Tensor):
+        raise Incorrect(f"{what}: expected a tensor, got {_type_name(x)}")
+    return x
+
+
+def close(a: Any, b: Any, *, atol: float = 1e-5, rtol: float = 1e-4, what: str = "result") -> None:
+    """Assert the learner's ``a`` matches the expected ``b`` in shape and value.
+
+    ``a`` may be a tensor or anything ``torch.as_tensor`` reads (a list of numbers).
+    NaN never matches, and inf only matches the same inf in ``b`` (top-k's -inf).
+    """
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        ta = a
+    else:
+        try:
+            ta = torch.as_tensor(a)
+        except KeyboardInterrupt:
+            raise
+        except Exception:
+            raise Incorrect(f"{what}: expected a tensor, got {_type_name(a)}") from None
     tb = b if isinstance(b, torch.Tensor) else torch.as_tensor(b)
     if tuple(ta.shape) != tuple(tb.shape):
         raise Incorrect(f"{what} has shape {tuple(ta.shape)}, expected {tuple(tb.shape)}")
-    ta, tb = ta.detach().double(), tb.detach().double()
+    if ta.is_complex() or ta.device.type == "meta":
+        raise Incorrect(f"{what}: expected real numbers, got a {ta.dtype} tensor on {ta.device}")
+    ta, tb = ta.detach().cpu().double(), tb.detach().cpu().double()
+    if ta.isnan().any():
+        raise Incorrect(
+            f"{what} contains NaN (not a number): look for 0 / 0, inf - inf, or the log "
+            "of a negative number"
+        )
+    if (ta.isinf() & ~tb.isinf()).any():
+        raise Incorrect(f"{what} contains inf where a finite value was expected")
     if not torch.allclose(ta, tb, atol=atol, rtol=rtol, equal_nan=False):
-        worst = (ta - tb).abs().max().item()
+        finite = tb.isfinite()
+        worst = (ta - tb)[finite].abs().max().item() if finite.any() else float("inf")
         raise Incorrect(
             f"{what} values differ from the expected ones (largest difference {worst:.3g})"
         )
