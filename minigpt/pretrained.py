@@ -12,12 +12,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -248,7 +250,10 @@ def shakespeare_char_model(
     steps = SHAKESPEARE_CHAR["steps"] if steps is None else steps
     folder = _model_dir(cache, steps, seed)
     if not (folder / "history.json").is_file():
-        _train(folder, steps=steps, seed=seed, progress=progress)
+        # one process trains, others (parallel notebooks) wait for it and then load
+        with _training_lock(folder):
+            if not (folder / "history.json").is_file():
+                _train(folder, steps=steps, seed=seed, progress=progress)
     model = GPT.load(folder)
     try:
         tokenizer = CharTokenizer.load(folder / "tokenizer.json")
@@ -268,6 +273,23 @@ def shakespeare_char_history(
         shakespeare_char_model(cache, steps=steps, seed=seed)
     record = load_json(folder / "history.json")
     return LossHistory.from_dict(record["history"]), float(record["full_val_loss"])
+
+
+@contextlib.contextmanager
+def _training_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock next to ``folder``; it goes away with the process that holds it."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "a") as f:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no lock; a second process may train a copy too
+            yield
+            return
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _train(folder: Path, *, steps: int, seed: int, progress: bool) -> None:
