@@ -55,6 +55,7 @@ __all__ = [
     "BPETokenizer",
     "CharTokenizer",
     "bytes_to_unicode",
+    "safe_cuts",
     "tiktoken_gpt2_reference",
 ]
 
@@ -62,6 +63,13 @@ __all__ = [
 # numbers, punctuation runs, and whitespace (a run of spaces keeps its last space
 # for the next word, so " world" stays one chunk). Needs the `regex` module for \p{L}.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+# Where text can be cut without changing how GPT2_PATTERN splits it (see safe_cuts):
+# before a whitespace character that follows a non-whitespace one, or before the last
+# character of a whitespace run that a non-whitespace character follows.
+_SAFE_CUT = r"(?<=\S)(?=\s)|(?<=\s)(?=\s\S)"
+_SAFE_CUT_FORWARD = regex.compile(_SAFE_CUT)
+_SAFE_CUT_BACKWARD = regex.compile(_SAFE_CUT, flags=regex.REVERSE)
 
 _SAVE_FORMAT = "minigpt-bpe"
 _SAVE_VERSION = 1
@@ -565,13 +573,15 @@ class BPETokenizer:
     ) -> Iterator[int]:
         """Lazily yield the ids of the concatenation of ``texts`` (e.g. an open file).
 
-        Equal to ``encode("".join(texts))`` while holding only a small buffer: the
-        buffer is encoded up to the last chunk boundary that no further text can move,
-        and the rest is kept. This relies on the pattern looking at most a few
-        characters past the end of a chunk, as GPT-2's does.
+        Exactly ``encode("".join(texts))``, however the text is cut into pieces, while
+        holding only a small buffer: once it holds ``flush_chars`` characters, the
+        buffer is encoded up to its last ``safe_cuts`` position that no special token
+        straddles, and the rest is kept for the next round. Those cuts are proven for
+        GPT-2's pattern; with another pattern the whole input is encoded at the end.
         """
         allowed, disallowed = self._resolve_special(allowed_special)
-        margin = 4 + max((len(s) for s in self._special), default=0)
+        can_cut = self._pattern_str == GPT2_PATTERN
+        margin = 1 + max((len(s) for s in self._special), default=0)  # see a special whole
         pending: list[str] = []
         size, flush_at = 0, self.flush_chars
         for text in texts:
@@ -582,36 +592,27 @@ class BPETokenizer:
             if size < flush_at:
                 continue
             buf = "".join(pending)
-            cut = self._safe_cut(buf, allowed, len(buf) - margin)
-            if cut == 0:  # no safe boundary yet (e.g. one huge whitespace run): read more
+            cut = self._safe_cut(buf, len(buf) - margin) if can_cut else 0
+            if cut == 0:  # no safe cut yet (e.g. one huge whitespace run): read more
                 pending, flush_at = [buf], 2 * size
                 continue
             yield from self._encode(buf[:cut], allowed, disallowed)
             pending, size, flush_at = [buf[cut:]], len(buf) - cut, self.flush_chars
         yield from self._encode("".join(pending), allowed, disallowed)
 
-    def _safe_cut(self, buf: str, allowed: frozenset[str], limit: int) -> int:
-        """The last chunk start <= ``limit`` that no special token straddles (0 if none)."""
-        starts = [0]
-        splitter = self._splitter(allowed)
-        pieces = splitter.split(buf) if splitter is not None else [buf]
-        pos = 0
-        for k, piece in enumerate(pieces):
-            if k % 2 == 0:
-                starts.extend(pos + m.start() for m in self._pattern.finditer(piece))
-            else:
-                starts.append(pos)
-            pos += len(piece)
-        for cut in reversed(starts):
-            if cut <= 0 or cut > limit:
-                continue
-            straddled = False
-            for s in self._special:  # never cut through a special token, allowed or not
-                j = buf.rfind(s, max(0, cut - len(s) + 1), cut + len(s) - 1)
-                if j != -1 and j < cut:
-                    straddled = True
-                    break
-            if not straddled:
+    def _safe_cut(self, buf: str, stop: int) -> int:
+        r"""The last ``safe_cuts`` position before ``stop`` where no special token,
+        allowed or not, overlaps ``buf[cut : cut + 2]``; 0 if none.
+
+        A cut through a special token would hide it (from the guard too). And the text
+        before an allowed special token is encoded as if it ended there: in
+        ``"\n\n<|endoftext|>"`` the two newlines are one token, which a cut between
+        them would split.
+        """
+        for cut in safe_cuts(buf, 0, stop):
+            if all(
+                buf.find(s, max(0, cut - len(s) + 1), cut + len(s) + 1) < 0 for s in self._special
+            ):
                 return cut
         return 0
 
@@ -729,6 +730,46 @@ def bytes_to_unicode() -> dict[int, str]:
             cs.append(256 + n)
             n += 1
     return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def safe_cuts(
+    text: str, start: int = 0, stop: int | None = None, *, last_first: bool = True
+) -> Iterator[int]:
+    r"""Where ``text`` can be cut into two texts that encode separately to its own ids.
+
+    Yields the positions ``p`` with ``start < p < stop`` (the last first, unless
+    ``last_first=False``; the search is lazy either way) such that GPT-2's
+    pattern splits ``text[:p]`` and ``text[p:]`` into exactly the chunks it splits
+    ``text`` into; only ``text[start:stop]`` is read (``stop`` defaults to ``len(text)``),
+    so a stream can be cut before the rest of it has arrived. ``encode_iterable`` and
+    ``minigpt.data.encode_to_file`` cut only here.
+
+    Why these are safe: every chunk of ``GPT2_PATTERN`` is either all whitespace, or an
+    optional space followed by non-whitespace (letters, digits, punctuation, or a
+    contraction such as ``'ll``). And the pattern never looks behind. So:
+
+    1. Before a whitespace character that follows a non-whitespace one (``"word| next"``,
+       ``"end.|\n"``) there is always a chunk boundary, and the left text ends in
+       non-whitespace: no whitespace run reaches its end, where ``(?!\S)`` would see
+       the end of the text instead of the character that follows.
+    2. A whitespace run that a non-whitespace character follows splits as all of the
+       run but its last character (``\s+(?!\S)``), then that last character, alone
+       or as the space of ``" next"``. Cutting before that last character leaves the
+       first part at the very end of the left text, where ``\s+(?!\S)`` takes it
+       whole, as before.
+
+    Anywhere else in a whitespace run the ids can change: ``"\n\n"`` alone is one
+    token, but before ``"x"`` it is two. A run at the end of ``stop`` has no cut inside:
+    what follows it decides how it splits.
+
+    This is about the pattern alone. Where special tokens are split out first, the text
+    before one is encoded as if it ended there, so a cut must also keep clear of them
+    (``encode_iterable`` sees to that).
+    """
+    stop = len(text) if stop is None else min(stop, len(text))
+    search = _SAFE_CUT_BACKWARD if last_first else _SAFE_CUT_FORWARD
+    for m in search.finditer(text, start + 1, max(stop, start + 1)):
+        yield m.start()
 
 
 def _special_regex(specials: Iterable[str]) -> Any:
