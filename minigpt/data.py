@@ -363,7 +363,7 @@ def encode_to_file(
     file: str | os.PathLike[str],
     *,
     vocab_size: int,
-    chunk_chars: int = 1 << 20,
+    chunk_chars: int = 1 << 19,
     progress: bool = True,
 ) -> Path:
     """Encode ``text`` with ``encode`` into a ``.npy`` file of token ids, atomically.
@@ -377,6 +377,9 @@ def encode_to_file(
     or refuse them, as ``encode_ordinary`` and ``BPETokenizer.encode`` do. Returns the
     path.
 
+    The default ``chunk_chars`` stays well under the million-character whitespace run
+    that tiktoken's regex engine cannot take unless the run ends the text: a run that
+    long is then always cut at its end, so ``to_tiktoken()`` encoders get through it.
     """
     file = Path(file)
     dtype = token_dtype(vocab_size)

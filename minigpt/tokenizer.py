@@ -52,6 +52,7 @@ from minigpt.checkpoint import atomic_write
 
 __all__ = [
     "GPT2_PATTERN",
+    "TIKTOKEN_GPT2_PATTERN",
     "BPETokenizer",
     "CharTokenizer",
     "bytes_to_unicode",
@@ -63,6 +64,17 @@ __all__ = [
 # numbers, punctuation runs, and whitespace (a run of spaces keeps its last space
 # for the next word, so " world" stays one chunk). Needs the `regex` module for \p{L}.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+# The same split as tiktoken writes it (``r50k_pat_str`` in tiktoken_ext/openai_public.py),
+# which ``to_tiktoken`` hands over. tiktoken's regex engine keeps one backtracking entry
+# per character that ``\s+(?!\S)`` matches and gives up (a Rust panic) near a million;
+# possessive ``++`` keeps none, and ``\s++$`` takes a run that ends the text before
+# ``\s+(?!\S)`` is tried. (A run of a million followed by more text is still too much
+# for it, as for tiktoken's own gpt2 encoding.) The last alternative ``\s`` equals
+# ``\s+``: only a single whitespace character before a non-whitespace one gets there.
+TIKTOKEN_GPT2_PATTERN = (
+    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+)
 
 # Where text can be cut without changing how GPT2_PATTERN splits it (see safe_cuts):
 # before a whitespace character that follows a non-whitespace one, or before the last
@@ -580,7 +592,7 @@ class BPETokenizer:
         GPT-2's pattern; with another pattern the whole input is encoded at the end.
         """
         allowed, disallowed = self._resolve_special(allowed_special)
-        can_cut = self._pattern_str == GPT2_PATTERN
+        can_cut = self._pattern_str in (GPT2_PATTERN, TIKTOKEN_GPT2_PATTERN)
         margin = 1 + max((len(s) for s in self._special), default=0)  # see a special whole
         pending: list[str] = []
         size, flush_at = 0, self.flush_chars
@@ -685,6 +697,9 @@ class BPETokenizer:
         tiktoken ranks tokens by id and merges the adjacent pair whose concatenation
         has the lowest rank. That equals our merge order when every merged token's id
         grows with its merge's position (true for trained tokenizers and for GPT-2).
+        GPT-2's pattern is handed over as ``TIKTOKEN_GPT2_PATTERN``, the same split
+        written the way tiktoken writes it, so that a text ending in a run of a million
+        spaces encodes instead of crashing tiktoken's regex engine.
         """
         import tiktoken
 
@@ -702,7 +717,9 @@ class BPETokenizer:
             raise ValueError(f"{len(extra)} tokens are neither single bytes nor merge results")
         return tiktoken.Encoding(
             name=name,
-            pat_str=self._pattern_str,
+            pat_str=TIKTOKEN_GPT2_PATTERN
+            if self._pattern_str == GPT2_PATTERN
+            else self._pattern_str,
             mergeable_ranks=ranks,
             special_tokens=dict(self._special),
         )

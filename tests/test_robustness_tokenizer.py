@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from minigpt.data import encode_to_file
 from minigpt.tokenizer import (
     GPT2_PATTERN,
+    TIKTOKEN_GPT2_PATTERN,
     BPETokenizer,
     CharTokenizer,
     safe_cuts,
@@ -199,3 +200,29 @@ def test_encode_iterable_with_another_pattern_is_still_exact():
     tok.flush_chars = 3
     text = "ab\n\ncd " * 5
     assert list(tok.encode_iterable(list(text))) == tok.encode(text)
+
+
+# -- 2. a million whitespace characters ----------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts)
+def test_tiktoken_form_of_the_pattern_splits_the_same(fast, gpt2, text):
+    assert regex.findall(TIKTOKEN_GPT2_PATTERN, text) == regex.findall(GPT2_PATTERN, text)
+    assert fast.encode(text, allowed_special="all") == gpt2.encode(text, allowed_special="all")
+
+
+@pytest.mark.parametrize("run", [" ", "\n", " \n\t"])
+def test_fast_path_takes_a_million_whitespace_characters(gpt2, fast, reference, run):
+    # 1M is where tiktoken's regex engine gave up on the old spelling of the pattern
+    text = "x" + run * (1_000_000 // len(run))
+    assert fast.encode(text) == gpt2.encode(text) == reference.encode(text)
+
+
+def test_token_cache_gets_through_a_million_spaces_before_a_word(gpt2, fast, tmp_path):
+    # tiktoken (its own gpt2 encoding too) panics on such a run when text follows it;
+    # encode_to_file's default chunks are short enough that it cuts the run just
+    # before its last space, which leaves tiktoken a run that ends its text
+    text = "x" + " " * 1_000_003 + "y z"
+    f = encode_to_file(text, fast.encode_ordinary, tmp_path / "t.npy", vocab_size=50257)
+    assert np.load(f).tolist() == gpt2.encode(text)
