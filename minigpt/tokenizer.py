@@ -547,6 +547,17 @@ class BPETokenizer:
         return self._special_re[specials]
 
     def _encode(self, text: str, allowed: frozenset[str], disallowed: frozenset[str]) -> list[int]:
+        try:
+            return self._encode_valid(text, allowed, disallowed)
+        except UnicodeEncodeError:
+            # A lone surrogate (e.g. "\ud800") has no UTF-8 bytes. Do what tiktoken does:
+            # join surrogate pairs into their character, and make the lone ones U+FFFD.
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            return self._encode_valid(text, allowed, disallowed)
+
+    def _encode_valid(
+        self, text: str, allowed: frozenset[str], disallowed: frozenset[str]
+    ) -> list[int]:
         splitter = self._splitter(allowed)
         pieces = splitter.split(text) if splitter is not None else [text]
         guard = self._splitter(disallowed)

@@ -32,12 +32,14 @@ EOT = "<|endoftext|>"
 
 # Pieces that random texts are glued from: whitespace runs of every kind (the split of
 # a run depends on what follows it), letters, digits, contractions, punctuation, wide
-# and astral characters, and special tokens, whole and broken.
+# and astral characters, surrogates (lone and paired), and special tokens, whole and
+# broken.
 PIECES = [
     *[" ", "  ", "\n", "\n\n", "\t", "\r\n", " \n", "\n ", "\t \n", "\u00a0", "\u3000"],
     *["a", "B", "ab", "é", "日本", "1", "23", "4.5"],
     *["'", "'s", "'ll", "'re", "'t", "x's", "I'm"],
     *["!", ".", ",", "?!", "--", "<|", "|>", "😀", "👨‍👩‍👧"],
+    *["\ud800", "\udfff", "\ud83d\ude00"],
     *[EOT, EOT[:5], "\n\n" + EOT],
 ]
 
@@ -226,3 +228,20 @@ def test_token_cache_gets_through_a_million_spaces_before_a_word(gpt2, fast, tmp
     text = "x" + " " * 1_000_003 + "y z"
     f = encode_to_file(text, fast.encode_ordinary, tmp_path / "t.npy", vocab_size=50257)
     assert np.load(f).tolist() == gpt2.encode(text)
+
+
+# -- 3. lone surrogates ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text", ["\ud800", "\udfff", "a\ud800b", "a\ud83d\ude00b", "\ude00\ud83d", f"\ud800{EOT}"]
+)
+def test_surrogates_encode_like_tiktoken(gpt2, reference, text):
+    # like tiktoken: a surrogate pair is the character it stands for, a lone one U+FFFD
+    assert gpt2.encode(text, allowed_special="all") == reference.encode(text, allowed_special="all")
+    assert list(gpt2.encode_iterable(list(text), "all")) == gpt2.encode(text, "all")
+
+
+def test_surrogates_with_a_trained_tokenizer(small):
+    assert small.decode(small.encode("a\ud800b")) == "a\ufffdb"
+    assert small.encode("a\ud83d\ude00") == small.encode("a😀")
