@@ -307,8 +307,7 @@ class BPETokenizer:
         vocab = {int(i): bytes(b) for i, b in vocab.items()}
         if any(i < 0 for i in vocab):
             raise ValueError("token ids must be >= 0")
-        if isinstance(special_tokens, str):
-            raise TypeError("special_tokens must be a sequence of strings, not one string")
+        _check_not_one_string(special_tokens)
 
         # Special tokens: explicit ids, the id of the same bytes in vocab, or a new id.
         specials: dict[str, int] = {}
@@ -399,6 +398,7 @@ class BPETokenizer:
         Ids: 0..255 are the single bytes, 256.. the merged tokens in the order they were
         learned, then the special tokens.
         """
+        _check_not_one_string(special_tokens)
         special_tokens = list(dict.fromkeys(special_tokens))
         n_tokens = vocab_size - len(special_tokens)
         if n_tokens < 256:
@@ -798,6 +798,15 @@ def safe_cuts(
     search = _SAFE_CUT_BACKWARD if last_first else _SAFE_CUT_FORWARD
     for m in search.finditer(text, start + 1, max(stop, start + 1)):
         yield m.start()
+
+
+def _check_not_one_string(special_tokens: Any) -> None:
+    if isinstance(special_tokens, str):
+        raise TypeError(
+            f"special_tokens must be a list of strings, not one string (it would be read "
+            f"as {len(special_tokens)} one-character tokens): write "
+            f"special_tokens=[{special_tokens!r}]"
+        )
 
 
 def _special_regex(specials: Iterable[str]) -> Any:

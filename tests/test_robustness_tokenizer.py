@@ -245,3 +245,16 @@ def test_surrogates_encode_like_tiktoken(gpt2, reference, text):
 def test_surrogates_with_a_trained_tokenizer(small):
     assert small.decode(small.encode("a\ud800b")) == "a\ufffdb"
     assert small.encode("a\ud83d\ude00") == small.encode("a😀")
+
+
+# -- 4. special tokens given as one string ---------------------------------------
+
+
+def test_train_rejects_one_string_as_special_tokens():
+    with pytest.raises(TypeError, match=r"special_tokens=\['<\|x\|>'\]"):
+        BPETokenizer.train("abc abc", 300, special_tokens="<|x|>")
+    base = {i: bytes([i]) for i in range(256)}
+    with pytest.raises(TypeError, match=r"special_tokens=\['<\|x\|>'\]"):
+        BPETokenizer(base, [], special_tokens="<|x|>")
+    tok = BPETokenizer.train("abc abc", 300, special_tokens=["<|x|>"])
+    assert list(tok.special_tokens) == ["<|x|>"]
