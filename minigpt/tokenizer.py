@@ -65,15 +65,17 @@ __all__ = [
 # for the next word, so " world" stays one chunk). Needs the `regex` module for \p{L}.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
-# The same split as tiktoken writes it (``r50k_pat_str`` in tiktoken_ext/openai_public.py),
-# which ``to_tiktoken`` hands over. tiktoken's regex engine keeps one backtracking entry
-# per character that ``\s+(?!\S)`` matches and gives up (a Rust panic) near a million;
-# possessive ``++`` keeps none, and ``\s++$`` takes a run that ends the text before
-# ``\s+(?!\S)`` is tried. (A run of a million followed by more text is still too much
-# for it, as for tiktoken's own gpt2 encoding.) The last alternative ``\s`` equals
-# ``\s+``: only a single whitespace character before a non-whitespace one gets there.
+# GPT-2's pattern written for tiktoken's regex engine (``to_tiktoken`` hands it over).
+# That engine keeps a backtracking entry per character ``\s+(?!\S)`` matches and gives
+# up (a Rust panic) near a million. So, as in tiktoken's own gpt2 pattern (``r50k_pat_str``
+# in tiktoken_ext/openai_public.py), ``\s++$`` comes before it and takes a run that ends
+# the text: possessive ``++`` never backtracks. The last alternative ``\s`` equals ``\s+``:
+# only a single whitespace character before a non-whitespace one gets that far. We leave
+# tiktoken's ``\p{L}++`` (digits, punctuation) plain: nothing follows them to backtrack
+# into, and ``++`` there only slows tiktoken down. A run of a million followed by more
+# text is still too much for the engine, as for tiktoken's own gpt2 encoding.
 TIKTOKEN_GPT2_PATTERN = (
-    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s++$|\s+(?!\S)|\s"""
 )
 
 # Where text can be cut without changing how GPT2_PATTERN splits it (see safe_cuts):
@@ -709,8 +711,8 @@ class BPETokenizer:
         has the lowest rank. That equals our merge order when every merged token's id
         grows with its merge's position (true for trained tokenizers and for GPT-2).
         GPT-2's pattern is handed over as ``TIKTOKEN_GPT2_PATTERN``, the same split
-        written the way tiktoken writes it, so that a text ending in a run of a million
-        spaces encodes instead of crashing tiktoken's regex engine.
+        written for tiktoken's regex engine, so that a text ending in a run of a million
+        spaces encodes instead of crashing it.
         """
         import tiktoken
 

@@ -209,8 +209,10 @@ def test_encode_iterable_with_another_pattern_is_still_exact():
 
 @settings(max_examples=300, deadline=None)
 @given(texts)
-def test_tiktoken_form_of_the_pattern_splits_the_same(fast, gpt2, text):
-    assert regex.findall(TIKTOKEN_GPT2_PATTERN, text) == regex.findall(GPT2_PATTERN, text)
+def test_tiktoken_form_of_the_pattern_splits_the_same(fast, gpt2, reference, text):
+    chunks = regex.findall(GPT2_PATTERN, text)
+    assert regex.findall(TIKTOKEN_GPT2_PATTERN, text) == chunks
+    assert regex.findall(reference._pat_str, text) == chunks  # tiktoken's own spelling
     assert fast.encode(text, allowed_special="all") == gpt2.encode(text, allowed_special="all")
 
 
@@ -219,6 +221,13 @@ def test_fast_path_takes_a_million_whitespace_characters(gpt2, fast, reference, 
     # 1M is where tiktoken's regex engine gave up on the old spelling of the pattern
     text = "x" + run * (1_000_000 // len(run))
     assert fast.encode(text) == gpt2.encode(text) == reference.encode(text)
+
+
+@pytest.mark.parametrize("run", ["a", "!"])
+def test_fast_path_takes_a_million_character_word(fast, run):
+    # plain + (not tiktoken's ++) on letters and punctuation is no risk either
+    text = " " + run * 1_000_000 + " x"
+    assert fast.decode(fast.encode(text)) == text
 
 
 def test_token_cache_gets_through_a_million_spaces_before_a_word(gpt2, fast, tmp_path):
