@@ -547,19 +547,30 @@ def encode_to_file(
     file: str | os.PathLike[str],
     *,
     vocab_size: int,
-    chunk_chars: int = 1 << 20,
+    chunk_chars: int = 1 << 19,
     progress: bool = True,
 ) -> Path:
     """Encode ``text`` with ``encode`` into a ``.npy`` file of token ids, atomically.
 
-    The text is encoded in chunks of about ``chunk_chars`` characters, cut after a
-    newline so that no word is split (a BPE tokenizer would merge differently
-    across a cut), with a progress bar. Returns the path.
+    The text is encoded in chunks of at most ``chunk_chars`` characters where it can
+    be, with a progress bar. A chunk ends only where ``minigpt.tokenizer.safe_cuts``
+    allows, so the file holds exactly ``encode(text)`` for a character tokenizer or a
+    BPE with GPT-2's pattern (cutting anywhere else, even after a newline, can change
+    a BPE's ids). A chunk with no such place (one huge word or whitespace run) runs on
+    to the first one after it. ``encode`` must treat special tokens as ordinary text
+    or refuse them, as ``encode_ordinary`` and ``BPETokenizer.encode`` do. Returns the
+    path.
+
+    The default ``chunk_chars`` stays well under the million-character whitespace run
+    that tiktoken's regex engine cannot take unless the run ends the text: a run that
+    long is then always cut at its end, so ``to_tiktoken()`` encoders get through it.
     """
     file = Path(file)
     dtype = token_dtype(vocab_size)
     pieces: list[np.ndarray] = []
     from tqdm.auto import tqdm
+
+    from minigpt.tokenizer import safe_cuts
 
     with tqdm(
         total=len(text), unit="char", unit_scale=True, desc="tokenizing", disable=not progress
@@ -567,9 +578,11 @@ def encode_to_file(
         start = 0
         while start < len(text):
             end = min(len(text), start + chunk_chars)
-            if end < len(text):
-                cut = text.rfind("\n", start, end)
-                end = cut + 1 if cut > start else end
+            if end < len(text):  # the last safe cut in (start, end], else the first after
+                cut = next(safe_cuts(text, start, end + 1), None)
+                if cut is None:
+                    cut = next(safe_cuts(text, end - 1, last_first=False), len(text))
+                end = cut
             ids = np.asarray(encode(text[start:end]), dtype=np.int64)
             if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
                 raise ValueError(

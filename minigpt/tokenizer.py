@@ -52,9 +52,11 @@ from minigpt.checkpoint import atomic_write
 
 __all__ = [
     "GPT2_PATTERN",
+    "TIKTOKEN_GPT2_PATTERN",
     "BPETokenizer",
     "CharTokenizer",
     "bytes_to_unicode",
+    "safe_cuts",
     "tiktoken_gpt2_reference",
 ]
 
@@ -62,6 +64,26 @@ __all__ = [
 # numbers, punctuation runs, and whitespace (a run of spaces keeps its last space
 # for the next word, so " world" stays one chunk). Needs the `regex` module for \p{L}.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+# GPT-2's pattern written for tiktoken's regex engine (``to_tiktoken`` hands it over).
+# That engine keeps a backtracking entry per character ``\s+(?!\S)`` matches and gives
+# up (a Rust panic) near a million. So, as in tiktoken's own gpt2 pattern (``r50k_pat_str``
+# in tiktoken_ext/openai_public.py), ``\s++$`` comes before it and takes a run that ends
+# the text: possessive ``++`` never backtracks. The last alternative ``\s`` equals ``\s+``:
+# only a single whitespace character before a non-whitespace one gets that far. We leave
+# tiktoken's ``\p{L}++`` (digits, punctuation) plain: nothing follows them to backtrack
+# into, and ``++`` there only slows tiktoken down. A run of a million followed by more
+# text is still too much for the engine, as for tiktoken's own gpt2 encoding.
+TIKTOKEN_GPT2_PATTERN = (
+    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s++$|\s+(?!\S)|\s"""
+)
+
+# Where text can be cut without changing how GPT2_PATTERN splits it (see safe_cuts):
+# before a whitespace character that follows a non-whitespace one, or before the last
+# character of a whitespace run that a non-whitespace character follows.
+_SAFE_CUT = r"(?<=\S)(?=\s)|(?<=\s)(?=\s\S)"
+_SAFE_CUT_FORWARD = regex.compile(_SAFE_CUT)
+_SAFE_CUT_BACKWARD = regex.compile(_SAFE_CUT, flags=regex.REVERSE)
 
 _SAVE_FORMAT = "minigpt-bpe"
 _SAVE_VERSION = 1
@@ -287,8 +309,7 @@ class BPETokenizer:
         vocab = {int(i): bytes(b) for i, b in vocab.items()}
         if any(i < 0 for i in vocab):
             raise ValueError("token ids must be >= 0")
-        if isinstance(special_tokens, str):
-            raise TypeError("special_tokens must be a sequence of strings, not one string")
+        _check_not_one_string(special_tokens)
 
         # Special tokens: explicit ids, the id of the same bytes in vocab, or a new id.
         specials: dict[str, int] = {}
@@ -379,6 +400,7 @@ class BPETokenizer:
         Ids: 0..255 are the single bytes, 256.. the merged tokens in the order they were
         learned, then the special tokens.
         """
+        _check_not_one_string(special_tokens)
         special_tokens = list(dict.fromkeys(special_tokens))
         n_tokens = vocab_size - len(special_tokens)
         if n_tokens < 256:
@@ -527,6 +549,17 @@ class BPETokenizer:
         return self._special_re[specials]
 
     def _encode(self, text: str, allowed: frozenset[str], disallowed: frozenset[str]) -> list[int]:
+        try:
+            return self._encode_valid(text, allowed, disallowed)
+        except UnicodeEncodeError:
+            # A lone surrogate (e.g. "\ud800") has no UTF-8 bytes. Do what tiktoken does:
+            # join surrogate pairs into their character, and make the lone ones U+FFFD.
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            return self._encode_valid(text, allowed, disallowed)
+
+    def _encode_valid(
+        self, text: str, allowed: frozenset[str], disallowed: frozenset[str]
+    ) -> list[int]:
         splitter = self._splitter(allowed)
         pieces = splitter.split(text) if splitter is not None else [text]
         guard = self._splitter(disallowed)
@@ -565,13 +598,15 @@ class BPETokenizer:
     ) -> Iterator[int]:
         """Lazily yield the ids of the concatenation of ``texts`` (e.g. an open file).
 
-        Equal to ``encode("".join(texts))`` while holding only a small buffer: the
-        buffer is encoded up to the last chunk boundary that no further text can move,
-        and the rest is kept. This relies on the pattern looking at most a few
-        characters past the end of a chunk, as GPT-2's does.
+        Exactly ``encode("".join(texts))``, however the text is cut into pieces, while
+        holding only a small buffer: once it holds ``flush_chars`` characters, the
+        buffer is encoded up to its last ``safe_cuts`` position that no special token
+        straddles, and the rest is kept for the next round. Those cuts are proven for
+        GPT-2's pattern; with another pattern the whole input is encoded at the end.
         """
         allowed, disallowed = self._resolve_special(allowed_special)
-        margin = 4 + max((len(s) for s in self._special), default=0)
+        can_cut = self._pattern_str in (GPT2_PATTERN, TIKTOKEN_GPT2_PATTERN)
+        margin = 1 + max((len(s) for s in self._special), default=0)  # see a special whole
         pending: list[str] = []
         size, flush_at = 0, self.flush_chars
         for text in texts:
@@ -582,36 +617,27 @@ class BPETokenizer:
             if size < flush_at:
                 continue
             buf = "".join(pending)
-            cut = self._safe_cut(buf, allowed, len(buf) - margin)
-            if cut == 0:  # no safe boundary yet (e.g. one huge whitespace run): read more
+            cut = self._safe_cut(buf, len(buf) - margin) if can_cut else 0
+            if cut == 0:  # no safe cut yet (e.g. one huge whitespace run): read more
                 pending, flush_at = [buf], 2 * size
                 continue
             yield from self._encode(buf[:cut], allowed, disallowed)
             pending, size, flush_at = [buf[cut:]], len(buf) - cut, self.flush_chars
         yield from self._encode("".join(pending), allowed, disallowed)
 
-    def _safe_cut(self, buf: str, allowed: frozenset[str], limit: int) -> int:
-        """The last chunk start <= ``limit`` that no special token straddles (0 if none)."""
-        starts = [0]
-        splitter = self._splitter(allowed)
-        pieces = splitter.split(buf) if splitter is not None else [buf]
-        pos = 0
-        for k, piece in enumerate(pieces):
-            if k % 2 == 0:
-                starts.extend(pos + m.start() for m in self._pattern.finditer(piece))
-            else:
-                starts.append(pos)
-            pos += len(piece)
-        for cut in reversed(starts):
-            if cut <= 0 or cut > limit:
-                continue
-            straddled = False
-            for s in self._special:  # never cut through a special token, allowed or not
-                j = buf.rfind(s, max(0, cut - len(s) + 1), cut + len(s) - 1)
-                if j != -1 and j < cut:
-                    straddled = True
-                    break
-            if not straddled:
+    def _safe_cut(self, buf: str, stop: int) -> int:
+        r"""The last ``safe_cuts`` position before ``stop`` where no special token,
+        allowed or not, overlaps ``buf[cut : cut + 2]``; 0 if none.
+
+        A cut through a special token would hide it (from the guard too). And the text
+        before an allowed special token is encoded as if it ended there: in
+        ``"\n\n<|endoftext|>"`` the two newlines are one token, which a cut between
+        them would split.
+        """
+        for cut in safe_cuts(buf, 0, stop):
+            if all(
+                buf.find(s, max(0, cut - len(s) + 1), cut + len(s) + 1) < 0 for s in self._special
+            ):
                 return cut
         return 0
 
@@ -684,6 +710,9 @@ class BPETokenizer:
         tiktoken ranks tokens by id and merges the adjacent pair whose concatenation
         has the lowest rank. That equals our merge order when every merged token's id
         grows with its merge's position (true for trained tokenizers and for GPT-2).
+        GPT-2's pattern is handed over as ``TIKTOKEN_GPT2_PATTERN``, the same split
+        written for tiktoken's regex engine, so that a text ending in a run of a million
+        spaces encodes instead of crashing it.
         """
         import tiktoken
 
@@ -701,7 +730,9 @@ class BPETokenizer:
             raise ValueError(f"{len(extra)} tokens are neither single bytes nor merge results")
         return tiktoken.Encoding(
             name=name,
-            pat_str=self._pattern_str,
+            pat_str=TIKTOKEN_GPT2_PATTERN
+            if self._pattern_str == GPT2_PATTERN
+            else self._pattern_str,
             mergeable_ranks=ranks,
             special_tokens=dict(self._special),
         )
@@ -729,6 +760,55 @@ def bytes_to_unicode() -> dict[int, str]:
             cs.append(256 + n)
             n += 1
     return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def safe_cuts(
+    text: str, start: int = 0, stop: int | None = None, *, last_first: bool = True
+) -> Iterator[int]:
+    r"""Where ``text`` can be cut into two texts that encode separately to its own ids.
+
+    Yields the positions ``p`` with ``start < p < stop`` (the last first, unless
+    ``last_first=False``; the search is lazy either way) such that GPT-2's
+    pattern splits ``text[:p]`` and ``text[p:]`` into exactly the chunks it splits
+    ``text`` into; only ``text[start:stop]`` is read (``stop`` defaults to ``len(text)``),
+    so a stream can be cut before the rest of it has arrived. ``encode_iterable`` and
+    ``minigpt.data.encode_to_file`` cut only here.
+
+    Why these are safe: every chunk of ``GPT2_PATTERN`` is either all whitespace, or an
+    optional space followed by non-whitespace (letters, digits, punctuation, or a
+    contraction such as ``'ll``). And the pattern never looks behind. So:
+
+    1. Before a whitespace character that follows a non-whitespace one (``"word| next"``,
+       ``"end.|\n"``) there is always a chunk boundary, and the left text ends in
+       non-whitespace: no whitespace run reaches its end, where ``(?!\S)`` would see
+       the end of the text instead of the character that follows.
+    2. A whitespace run that a non-whitespace character follows splits as all of the
+       run but its last character (``\s+(?!\S)``), then that last character, alone
+       or as the space of ``" next"``. Cutting before that last character leaves the
+       first part at the very end of the left text, where ``\s+(?!\S)`` takes it
+       whole, as before.
+
+    Anywhere else in a whitespace run the ids can change: ``"\n\n"`` alone is one
+    token, but before ``"x"`` it is two. A run at the end of ``stop`` has no cut inside:
+    what follows it decides how it splits.
+
+    This is about the pattern alone. Where special tokens are split out first, the text
+    before one is encoded as if it ended there, so a cut must also keep clear of them
+    (``encode_iterable`` sees to that).
+    """
+    stop = len(text) if stop is None else min(stop, len(text))
+    search = _SAFE_CUT_BACKWARD if last_first else _SAFE_CUT_FORWARD
+    for m in search.finditer(text, start + 1, max(stop, start + 1)):
+        yield m.start()
+
+
+def _check_not_one_string(special_tokens: Any) -> None:
+    if isinstance(special_tokens, str):
+        raise TypeError(
+            f"special_tokens must be a list of strings, not one string (it would be read "
+            f"as {len(special_tokens)} one-character tokens): write "
+            f"special_tokens=[{special_tokens!r}]"
+        )
 
 
 def _special_regex(specials: Iterable[str]) -> Any:
