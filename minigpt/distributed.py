@@ -7,12 +7,16 @@
   environment variables (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ...) and returns a
   ``DistInfo``; ``teardown_distributed`` waits for every rank and leaves the group.
   One process (``world_size == 1``) needs neither and gets a ``DistInfo()``.
+- ``StopSignals`` turns the first Ctrl-C or SIGTERM into a request to stop after the
+  current step; in a DDP run the ranks agree on it, so they stop together.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +26,7 @@ __all__ = [
     "DEVICES",
     "DTYPES",
     "DistInfo",
+    "StopSignals",
     "autocast",
     "check_device",
     "pick_device",
@@ -132,3 +137,45 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+class StopSignals:
+    """Within ``with StopSignals() as stop:`` the first Ctrl-C (SIGINT) or SIGTERM only
+    sets ``stop.requested``; a second one raises ``KeyboardInterrupt`` at once.
+
+    A training loop polls ``stop.agreed(info, device)`` after each step, saves, and
+    stops. Signals can only be caught in the main thread; elsewhere nothing changes.
+    """
+
+    def __init__(self, announce: bool = True) -> None:
+        self.requested = False
+        self.announce = announce
+        self._previous: dict[int, object] = {}
+
+    def _handler(self, signum: int, frame: object) -> None:
+        if self.requested:  # a second signal: stop right now
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.announce:
+            what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            print(f"\n{what}: finishing this step and saving a checkpoint (again to abort)")
+
+    def __enter__(self) -> StopSignals:
+        self.requested = False
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    def agreed(self, info: DistInfo, device: torch.device) -> bool:
+        """Whether to stop now: this process's request, or any rank's in a DDP run."""
+        if not info.enabled:
+            return self.requested
+        flag = torch.tensor(float(self.requested), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # stop together or deadlock
+        return bool(flag.item())

@@ -56,6 +56,7 @@ __all__ = [
     "BPETokenizer",
     "CharTokenizer",
     "bytes_to_unicode",
+    "merge_pair",
     "safe_cuts",
     "tiktoken_gpt2_reference",
 ]
@@ -183,8 +184,11 @@ def _descending(token: bytes) -> str:
     return "".join([chr(256 - x) for x in token]) + chr(257)
 
 
-def _merge_pair(ids: list[int], a: int, b: int, new_id: int) -> list[int]:
-    """Replace every occurrence of the pair ``(a, b)`` in ``ids``, left to right."""
+def merge_pair(ids: list[int], a: int, b: int, new_id: int) -> list[int]:
+    """``ids`` with every occurrence of the pair ``(a, b)`` replaced by ``new_id``, left to right.
+
+    The one step of BPE: training applies it to learn a merge, encoding to apply one.
+    """
     out = []
     i, n = 0, len(ids)
     while i < n:
@@ -255,7 +259,7 @@ def _learn_merges(
         touched: set[tuple[int, int]] = set()
         for i in where.pop((a, b)):
             w = words[i]
-            merged = _merge_pair(w, a, b, new_id)
+            merged = merge_pair(w, a, b, new_id)
             if len(merged) == len(w):
                 continue  # this word no longer contains the pair
             f = freqs[i]
@@ -504,7 +508,7 @@ class BPETokenizer:
                     best, best_rank = pair, r[0]
             if best is None:
                 break  # no adjacent pair is a merge: done
-            ids = _merge_pair(ids, best[0], best[1], ranks[best][1])
+            ids = merge_pair(ids, best[0], best[1], ranks[best][1])
         return ids
 
     def _encode_ordinary(self, text: str) -> list[int]:

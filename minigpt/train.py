@@ -24,8 +24,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -60,6 +58,7 @@ from minigpt.checkpoint import (
 from minigpt.data import TokenDataset
 from minigpt.distributed import (
     DTYPES,
+    StopSignals,
     autocast,
     check_device,
     pick_device,
@@ -232,15 +231,6 @@ def _mix(seed: int, step: int, salt: int = 0) -> int:
     return x % (1 << 63)
 
 
-def _mix(seed: int, step: int, salt: int = 0) -> int:
-    """A 63-bit seed from (seed, step, salt), different for every combination."""
-    x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + salt * 0x94D049BB133111EB) % (
-        1 << 64
-    )
-    x ^= x >> 31
-    return x % (1 << 63)
-
-
 # --------------------------------------------------------------------------- loss history
 
 
@@ -360,7 +350,6 @@ class Trainer:
         self.best_val_loss = math.inf
         self.history = LossHistory()
         self._last_saved: tuple[Path, int] | None = None
-        self._stop_requested = False
         self._start_time: float | None = None  # set by train(): the clock the schedule may follow
         # the module that runs forward/backward: maybe compiled, maybe DDP-wrapped
         self._runner: nn.Module = self.model
@@ -483,7 +472,7 @@ class Trainer:
             disable=not (c.progress and self.ddp.is_main),
             dynamic_ncols=True,
         )
-        with bar, self._run_folder(), self._catch_ctrl_c():
+        with bar, self._run_folder(), StopSignals(announce=self.ddp.is_main) as stop:
             while self.step < c.max_steps:
                 loss = self.train_step()
                 bar.update(1)
@@ -509,7 +498,7 @@ class Trainer:
                     self.save_checkpoint("last")
                 if self.on_step is not None:
                     self.on_step(self)
-                if self._should_stop():
+                if stop.agreed(self.ddp, self.device):
                     where = self.save_checkpoint("last")
                     note = f"; checkpoint saved to {where}" if where else ""
                     raise KeyboardInterrupt(f"training interrupted at step {self.step}{note}")
@@ -530,36 +519,6 @@ class Trainer:
                 latest_checkpoint(self.out_dir, name)  # renames a .NAME.old back if needed
             clean_stale_temporaries(self.out_dir)
             yield
-
-    @contextlib.contextmanager
-    def _catch_ctrl_c(self):
-        """Turn the first Ctrl-C (or SIGTERM) into a request to stop after the current step."""
-        self._stop_requested = False
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum, frame):
-            if self._stop_requested:  # a second signal: stop right now
-                raise KeyboardInterrupt
-            self._stop_requested = True
-            if self.ddp.is_main:
-                what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-                print(f"\n{what}: finishing this step and saving a checkpoint (again to abort)")
-
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
-
-    def _should_stop(self) -> bool:
-        if not self.ddp.enabled:
-            return self._stop_requested
-        flag = torch.tensor(float(self._stop_requested), device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # stop together or deadlock
-        return bool(flag.item())
 
     # ------------------------------------------------------------ checkpoints
 

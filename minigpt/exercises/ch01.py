@@ -11,7 +11,7 @@ from functools import lru_cache
 from itertools import pairwise
 
 from minigpt.exercises.core import Incorrect, Question, call, ints, number
-from minigpt.tokenizer import BPETokenizer, _merge_pair
+from minigpt.tokenizer import BPETokenizer, merge_pair
 
 __all__ = ["q1", "q2", "q3", "q4", "q5", "q6"]
 
@@ -23,7 +23,7 @@ def _ref_pair_counts(ids):
 
 
 def _ref_merge(ids, pair, new_id):
-    return _merge_pair(list(ids), pair[0], pair[1], new_id)
+    return merge_pair(list(ids), pair[0], pair[1], new_id)
 
 
 def _ref_train_bpe(text, num_merges):
