@@ -1,6 +1,6 @@
 """The ``minigpt`` command: train, sample from and evaluate models.
 
-    minigpt train [CONFIG] [--key=value ...] [--resume]     # e.g. configs/shakespeare_char.json
+    minigpt train [CONFIG] [--key=value ...] [--resume | --overwrite]   # e.g. configs/shakespeare_char.json
     minigpt sample CHECKPOINT --prompt "ROMEO:" [--max-new-tokens 200] [--temperature 0.8]
     minigpt eval CHECKPOINT [--iters 50]
 
@@ -19,6 +19,14 @@ path of a saved tokenizer. Overrides name a key with its section
 it (``--lr=3e-3``); values are read as JSON (numbers, true/false, null) and
 otherwise taken as strings. Multi-process training: ``torchrun
 --nproc_per_node=N -m minigpt train CONFIG``.
+
+A run folder that holds a checkpoint is continued only with ``--resume`` (which
+refuses a different model or tokenizer: the checkpoint's tokenizer is kept and
+must encode the text) or started again with ``--overwrite``. Every value is
+checked for type, finiteness and range, and a model or batch too big for this
+machine is refused with an estimate of its memory, before any work. Every error
+is one line on stderr with exit status 2 (``minigpt --debug ...`` shows the
+traceback); a run stopped by Ctrl-C or SIGTERM saves ``last`` and exits with 130.
 """
 
 from __future__ import annotations
@@ -231,10 +239,12 @@ def _check_training_memory(model: Any, train: Any) -> None:
 
 
 def _check_device(device: str) -> None:
-    from minigpt.distributed import pick_device
+    from minigpt.distributed import DistInfo, pick_device
 
+    # as this process's Trainer will pick it (under torchrun, "cuda" is cuda:LOCAL_RANK)
+    env = {k: int(os.environ.get(k.upper(), d)) for k, d in (("local_rank", 0), ("world_size", 1))}
     try:
-        pick_device(device)
+        pick_device(device, DistInfo(**env))
     except RuntimeError as e:
         raise SystemExit(f"train.device={device}: {e}") from e
 
@@ -565,7 +575,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise SystemExit("the validation split is shorter than one context window")
     loss = evaluate(model, val_data, batch_size=args.batch_size, iters=args.iters, seed=args.seed)
     print(
-        f"val loss {loss:.4f}  perplexity {math.exp(loss):.2f}  (step {state['step']}, {directory})"
+        f"val loss {loss:.4f}  perplexity {math.exp(min(loss, 700)):.2f}  (step {state['step']}, {directory})"
     )
     return 0
 
