@@ -570,3 +570,46 @@ def test_sigterm_saves_the_checkpoint_and_exits_non_zero(tmp_path):
     (line,) = [line for line in err.splitlines() if "interrupted at step" in line]
     step = int(line.split("interrupted at step ")[1].split(";")[0])
     assert _step(tmp_path / "run") == step > 0
+
+
+_KILL_BETWEEN_RENAMES = """
+import os, sys
+real, seen = os.replace, []
+def replace(src, dst, *a, **k):
+    # the second rename of a swap of `last` (tmp -> last), on its second save: die first
+    if os.path.basename(str(dst)) == "last" and ".last." in str(src):
+        seen.append(dst)
+        if len(seen) == 2:
+            os._exit(9)  # kill -9: no finally, no cleanup
+    return real(src, dst, *a, **k)
+os.replace = replace
+from minigpt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_kill_9_between_the_two_renames_then_resume_continues(tmp_path, monkeypatch):
+    """The finding: only .last.old is left; `train --resume` must continue from it."""
+    monkeypatch.setenv("MINIGPT_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = _config(tmp_path, max_steps=3, checkpoint_interval=1, eval_interval=0)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILL_BETWEEN_RENAMES, "train", str(cfg)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert killed.returncode == 9, killed.stderr[-2000:]
+    folder = tmp_path / "run"
+    assert not (folder / "last").exists() and (folder / ".last.old" / "trainer.json").is_file()
+    assert list(folder.glob(".last.*.tmp"))  # the new copy, never swapped in
+    status, out, err = _cli("train", str(cfg), "--resume")
+    assert status == 0, err
+    assert "steps 1 -> 3" in out  # the step-1 save survived; only step 2 is done again
+    assert json.loads((folder / "last" / "trainer.json").read_text())["history"]["steps"] == [
+        1,
+        2,
+        3,
+    ]
+    assert not (folder / ".last.old").exists() and not list(folder.glob(".*.tmp"))
