@@ -312,7 +312,8 @@ class RunLock:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise CheckpointError(
-                f"cannot create the run folder {self.run_dir}: {e.strerror}"
+                f"cannot create the run folder {self.run_dir} ({e.strerror}): choose a folder "
+                "you can write to (train.out_dir)"
             ) from e
         path = self.run_dir / LOCK_FILE
         try:

@@ -1,6 +1,6 @@
 """The ``minigpt`` command: train, sample from and evaluate models.
 
-    minigpt train [CONFIG] [--key=value ...] [--resume]     # e.g. configs/shakespeare_char.json
+    minigpt train [CONFIG] [--key=value ...] [--resume | --overwrite]   # e.g. configs/shakespeare_char.json
     minigpt sample CHECKPOINT --prompt "ROMEO:" [--max-new-tokens 200] [--temperature 0.8]
     minigpt eval CHECKPOINT [--iters 50]
 
@@ -19,6 +19,14 @@ path of a saved tokenizer. Overrides name a key with its section
 it (``--lr=3e-3``); values are read as JSON (numbers, true/false, null) and
 otherwise taken as strings. Multi-process training: ``torchrun
 --nproc_per_node=N -m minigpt train CONFIG``.
+
+A run folder that holds a checkpoint is continued only with ``--resume`` (which
+refuses a different model or tokenizer: the checkpoint's tokenizer is kept and
+must encode the text) or started again with ``--overwrite``. Every value is
+checked for type, finiteness and range, and a model or batch too big for this
+machine is refused with an estimate of its memory, before any work. Every error
+is one line on stderr with exit status 2 (``minigpt --debug ...`` shows the
+traceback); a run stopped by Ctrl-C or SIGTERM saves ``last`` and exits with 130.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -79,10 +88,17 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] = ()) 
                 loaded = json.loads(path.read_text(encoding="utf-8"))
         except Exception as e:
             raise SystemExit(f"{path} is not a valid config file: {e}") from e
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"{path}: a config file is one JSON object with model, train and data")
         unknown = sorted(set(loaded) - set(config))
         if unknown:
             raise SystemExit(f"{path}: unknown sections {unknown}; use model, train and data")
         for section, values in loaded.items():
+            if not isinstance(values, dict):
+                raise SystemExit(
+                    f"{path}: the {section!r} section must be an object of key: value pairs, "
+                    f"got {type(values).__name__}"
+                )
             config[section].update(values)
     keys = _section_keys()
     for item in overrides:
@@ -104,6 +120,133 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] = ()) 
             )
         config[section][key] = _parse_value(raw)
     return config
+
+
+def _kinds(annotation: str) -> tuple[set[str], bool]:
+    """The JSON kinds a dataclass field annotation allows (``"int | None"``), and None?"""
+    parts = {p.strip() for p in annotation.split("|")}
+    return parts - {"None"}, "None" in parts
+
+
+_WHAT = {
+    "int": "an integer",
+    "float": "a finite number",
+    "bool": "true or false",
+    "str": "a string",
+}
+
+
+def _check_value(name: str, value: Any, kinds: set[str], nullable: bool) -> None:
+    """Refuse a value of the wrong JSON type (or NaN/inf) before any dataclass sees it."""
+    if value is None and nullable:
+        return
+    ok = (
+        ("bool" in kinds and isinstance(value, bool))
+        or ("str" in kinds and isinstance(value, str))
+        or (not isinstance(value, bool) and "int" in kinds and isinstance(value, int))
+        or (
+            not isinstance(value, bool)
+            and "float" in kinds
+            and isinstance(value, (int, float))
+            and math.isfinite(value)
+        )
+    )
+    if not ok:
+        what = " or ".join([_WHAT[k] for k in sorted(kinds) if k in _WHAT] + ["null"] * nullable)
+        raise SystemExit(f"{name} must be {what}, got {json.dumps(value)}")
+
+
+def _check_types(config: dict[str, dict]) -> None:
+    """Check every value's type against the config dataclasses, naming the option."""
+    from minigpt.model import GPTConfig
+    from minigpt.train import TrainConfig
+
+    fields_of = {
+        "model": {f.name: _kinds(str(f.type)) for f in fields(GPTConfig)},
+        "train": {f.name: _kinds(str(f.type)) for f in fields(TrainConfig)},
+    }
+    fields_of["model"]["preset"] = ({"str"}, True)
+    fields_of["data"] = {
+        "dataset": ({"str"}, True),
+        "text_file": ({"str"}, True),
+        "tokenizer": ({"str"}, False),
+        "val_fraction": ({"float"}, False),
+    }
+    for section, known in fields_of.items():
+        for key, value in config[section].items():
+            if key in known:  # unknown keys are refused by the dataclasses, with the known ones
+                _check_value(f"{section}.{key}", value, *known[key])
+    for key in ("rope_base", "norm_eps"):
+        if key in config["model"] and config["model"][key] <= 0:
+            raise SystemExit(f"model.{key} must be a positive number, got {config['model'][key]}")
+    fraction = config["data"].get("val_fraction", 0.1)
+    if not 0 < fraction < 1:
+        raise SystemExit(f"data.val_fraction must be between 0 and 1 (e.g. 0.1), got {fraction}")
+
+
+# --------------------------------------------------------------------------- memory estimates
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def _memory_limit() -> int:
+    """This machine's physical memory (or its largest GPU's, when that is bigger)."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    import torch
+
+    gpu = max(
+        (
+            torch.cuda.get_device_properties(i).total_memory
+            for i in range(torch.cuda.device_count())
+        ),
+        default=0,
+    )
+    return max(ram, gpu) or 1 << 62
+
+
+def _num_parameters(c: Any) -> int:
+    """About how many parameters ``GPT(c)`` has, computed without building it."""
+    C, L = c.n_embd, c.n_layer
+    kv_dim = C // c.n_head * (c.n_kv_head or c.n_head)
+    attention = 2 * C * C + 2 * C * kv_dim
+    mlp = (3 if c.mlp == "swiglu" else 2) * C * c.hidden_dim
+    embeddings = c.vocab_size * C * (1 if c.tie_weights else 2)
+    positions = c.block_size * C if c.positions == "learned" else 0
+    return embeddings + positions + L * (attention + mlp + 4 * C)
+
+
+def _check_memory(need: int, what: str, fix: str) -> None:
+    """Refuse a resource bomb with an estimate instead of a failure in the allocator."""
+    limit = _memory_limit()
+    if need > limit:
+        raise SystemExit(
+            f"{what} would need about {_gib(need)} of memory; this machine has {_gib(limit)}: {fix}"
+        )
+
+
+def _check_training_memory(model: Any, train: Any) -> None:
+    params = _num_parameters(model)
+    # float32 weights, gradients and AdamW's two moments, plus the activations of a batch
+    activations = train.batch_size * model.block_size * (16 * model.n_layer * model.n_embd)
+    logits = 2 * train.batch_size * model.block_size * model.vocab_size
+    _check_memory(
+        16 * params + 4 * (activations + logits),
+        f"training a model of {params:,} parameters with batch_size {train.batch_size}",
+        "make the model (model.n_layer, n_embd, block_size) or train.batch_size smaller",
+    )
+
+
+def _check_device(device: str) -> None:
+    from minigpt.distributed import DistInfo, pick_device
+
+    # as this process's Trainer will pick it (under torchrun, "cuda" is cuda:LOCAL_RANK)
+    env = {k: int(os.environ.get(k.upper(), d)) for k, d in (("local_rank", 0), ("world_size", 1))}
+    try:
+        pick_device(device, DistInfo(**env))
+    except RuntimeError as e:
+        raise SystemExit(f"train.device={device}: {e}") from e
 
 
 # --------------------------------------------------------------------------- tokenizers and data
@@ -155,23 +298,121 @@ def _read_text(data: dict[str, Any]) -> str:
         file = Path(data["text_file"])
         if not file.is_file():
             raise SystemExit(f"data.text_file not found: {file}")
-        return file.read_text(encoding="utf-8")
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise SystemExit(
+                f"data.text_file {file} is not UTF-8 text (byte {e.start} is "
+                f"{e.object[e.start : e.start + 1]!r}): convert it, e.g. iconv -t utf-8"
+            ) from e
+        except OSError as e:
+            raise SystemExit(f"cannot read data.text_file {file}: {e.strerror or e}") from e
+        if not text:
+            raise SystemExit(f"data.text_file {file} is empty: give a file with text to train on")
+        return text
     return load_text(data.get("dataset") or "tinyshakespeare")
 
 
 def _datasets(data: dict[str, Any], tokenizer: Any, text: str, block_size: int, progress: bool):
+    import hashlib
+
     from minigpt.data import TokenDataset, cached_tokens, train_val_split
 
-    key = "char" if data["tokenizer"] == "char" else Path(str(data["tokenizer"])).stem
+    if hasattr(tokenizer, "itos"):  # a char vocabulary: two texts' vocabularies differ
+        key = "char-" + hashlib.sha256("\0".join(tokenizer.itos).encode()).hexdigest()[:12]
+    else:
+        key = Path(str(data["tokenizer"])).stem
     ids = cached_tokens(
         text, _fast_encode(tokenizer), vocab_size=tokenizer.vocab_size, key=key, progress=progress
     )
     train_ids, val_ids = train_val_split(ids, float(data.get("val_fraction", 0.1)))
+    if len(train_ids) <= block_size:
+        raise SystemExit(
+            f"the training text is {len(train_ids)} tokens, not longer than one context window "
+            f"(model.block_size={block_size}): give more text or a smaller block_size"
+        )
     val = TokenDataset(val_ids, block_size) if len(val_ids) > block_size else None
     return TokenDataset(train_ids, block_size), val
 
 
+def _tokenizer_json(tokenizer: Any) -> Any:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save(Path(tmp) / "tokenizer.json")
+        return json.loads((Path(tmp) / "tokenizer.json").read_text(encoding="utf-8"))
+
+
+_NEW_RUN = "to start a new run instead, choose another train.out_dir or pass --overwrite"
+
+
+def _resume_tokenizer(directory: Path, spec: str, text: str) -> Any:
+    """The checkpoint's own tokenizer, after checking that the config asks for the same
+    one and that it can encode ``text`` (a resumed model must see the ids it learned)."""
+    file = directory / "tokenizer.json"
+    if not file.is_file():
+        raise SystemExit(f"{directory} has no tokenizer.json, so it cannot be resumed; {_NEW_RUN}")
+    saved = load_tokenizer(file)
+    if spec == "char":
+        if not hasattr(saved, "itos"):
+            raise SystemExit(
+                f"data.tokenizer='char' but {file} is a {type(saved).__name__}; resume with the "
+                f"run's tokenizer, or {_NEW_RUN}"
+            )
+        unknown = sorted(set(text) - set(saved.stoi))
+        if unknown and saved.unk_token is None:
+            shown = "".join(unknown[:20])
+            raise SystemExit(
+                f"the text has {len(unknown)} characters that the checkpoint's tokenizer ({file}) "
+                f"cannot encode ({shown!r}); resume on text made of its characters, or {_NEW_RUN}"
+            )
+    elif _tokenizer_json(build_tokenizer(spec, text)) != _tokenizer_json(saved):
+        raise SystemExit(
+            f"data.tokenizer={spec!r} is not the tokenizer of the checkpoint ({file}); resume "
+            f"with the run's tokenizer, or {_NEW_RUN}"
+        )
+    return saved
+
+
+def _check_same_model(directory: Path, config: Any) -> None:
+    from minigpt.model import GPTConfig
+
+    saved = GPTConfig.from_json(directory / "config.json")
+    if saved != config:
+        old, new = saved.to_dict(), config.to_dict()
+        diffs = ", ".join(f"model.{k}: {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k])
+        raise SystemExit(
+            f"--resume: the config describes a different model than the checkpoint "
+            f"{directory} ({diffs}); resume with the run's model settings, or {_NEW_RUN}"
+        )
+
+
 # --------------------------------------------------------------------------- commands
+
+
+def _prepare_run_folder(out: str, resume: bool, overwrite: bool) -> Path | None:
+    """Fail fast on a folder another run holds or that cannot be written, finish a save a
+    kill interrupted, and refuse to start a fresh run over an existing checkpoint.
+    Returns the checkpoint to resume from, if any."""
+    import shutil
+
+    from minigpt.checkpoint import RunLock, check_writable, latest_checkpoint, read_trainer_state
+
+    with RunLock(out):  # released at once: Trainer.train() takes it again for the run
+        check_writable(out)
+        found = latest_checkpoint(out)  # also renames back what a kill mid-save left
+        if found is not None and overwrite:
+            for name in ("last", "best", ".last.old", ".best.old"):
+                shutil.rmtree(Path(out) / name, ignore_errors=True)
+            return None
+        if found is not None and not resume:
+            step = read_trainer_state(found)["step"]
+            raise SystemExit(
+                f"{out} already holds a checkpoint ({found}, step {step}): pass --resume to "
+                "continue it, --overwrite to start again from step 0, or choose another "
+                "train.out_dir"
+            )
+    return found
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -182,32 +423,58 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from minigpt.model import GPT, GPTConfig
     from minigpt.train import TrainConfig, Trainer
 
+    if args.resume and args.overwrite:
+        raise SystemExit("--resume continues a run and --overwrite starts it again: pass one")
     config = load_config(args.config, args.overrides)
+    _check_types(config)
+    try:
+        train_config = TrainConfig.from_dict(config["train"])
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"bad train config: {e}") from e
+    _check_device(train_config.device)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    out = train_config.out_dir
+    found = None
+    if out and is_main:
+        found = _prepare_run_folder(out, args.resume, args.overwrite)
+    elif out and args.resume:
+        found = latest_checkpoint(out)
     text = _read_text(config["data"])
+    spec = str(config["data"]["tokenizer"])
+    if found is not None:
+        tokenizer = _resume_tokenizer(found, spec, text)
+    else:
+        tokenizer = build_tokenizer(spec, text)
     model_cfg = dict(config["model"])
     preset = model_cfg.pop("preset", None)
-    tokenizer = build_tokenizer(str(config["data"]["tokenizer"]), text)
-    model_cfg["vocab_size"] = tokenizer.vocab_size
+    asked = model_cfg.get("vocab_size")
+    if asked is not None and asked < tokenizer.vocab_size:
+        raise SystemExit(
+            f"model.vocab_size={asked} is smaller than the tokenizer's {tokenizer.vocab_size} "
+            "ids: leave it out (it is taken from the tokenizer) or pad it to a larger size"
+        )
+    model_cfg["vocab_size"] = asked or tokenizer.vocab_size
     try:
         gpt_config = (
             GPTConfig.preset(preset, **model_cfg) if preset else GPTConfig.from_dict(model_cfg)
         )
-        train_config = TrainConfig.from_dict(config["train"])
     except (KeyError, TypeError, ValueError) as e:
-        raise SystemExit(f"bad config: {e}") from e
-    is_main = int(os.environ.get("RANK", "0")) == 0
+        raise SystemExit(f"bad model config: {e.args[0] if e.args else e}") from e
+    _check_training_memory(gpt_config, train_config)
+    if found is not None:
+        _check_same_model(found, gpt_config)
     train_data, val_data = _datasets(
         config["data"], tokenizer, text, gpt_config.block_size, train_config.progress and is_main
     )
     metadata = {"data": config["data"]}
-    out = train_config.out_dir
-    found = latest_checkpoint(out) if args.resume and out else None
     if found is not None:
         trainer = Trainer.from_checkpoint(
             found, train_data, val_data, overrides=config["train"], tokenizer=tokenizer
         )
         trainer.metadata = metadata
     else:
+        if args.resume and is_main:
+            print(f"--resume: no checkpoint in {out} yet; starting a new run")
         torch.manual_seed(train_config.seed)
         model = GPT(gpt_config)
         trainer = Trainer(
@@ -223,7 +490,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         history = trainer.train()
         finished = True
     except KeyboardInterrupt as e:
-        print(e or "interrupted", file=sys.stderr)
+        print(f"minigpt: {e or 'interrupted'}", file=sys.stderr)
         return 130
     finally:
         teardown_distributed(trainer.ddp, wait=finished)
@@ -237,12 +504,31 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_checkpoint(path: str):
-    from minigpt.checkpoint import find_checkpoint
-    from minigpt.model import GPT
+def _load_checkpoint(path: str, need_bytes: Callable[[Any], int] = lambda c: 0):
+    """The checkpoint folder, its model and tokenizer. The model's size (plus
+    ``need_bytes(config)``) is checked against the memory before it is built, and
+    NaN or infinite weights are refused."""
+    import torch
+
+    from minigpt.checkpoint import CheckpointError, find_checkpoint, verify_files
+    from minigpt.model import GPT, GPTConfig
 
     directory = find_checkpoint(path)
+    verify_files(directory, ["config.json"])
+    config = GPTConfig.from_json(directory / "config.json")
+    params = _num_parameters(config)
+    _check_memory(
+        4 * params + need_bytes(config),
+        f"the model in {directory / 'config.json'} ({params:,} parameters)",
+        "is this config.json the one the run wrote?",
+    )
     model = GPT.load(directory).eval()
+    bad = [k for k, v in model.state_dict().items() if not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(
+            f"{directory / 'model.safetensors'} holds NaN or infinite weights ({', '.join(bad[:3])}): "
+            "the run diverged before this save; use another checkpoint (best/) or retrain"
+        )
     tok_file = directory / "tokenizer.json"
     if not tok_file.is_file():
         raise SystemExit(f"{directory} has no tokenizer.json; it cannot turn text into ids")
@@ -250,7 +536,12 @@ def _load_checkpoint(path: str):
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    _, model, tokenizer = _load_checkpoint(args.checkpoint)
+    tokens = len(args.prompt.encode("utf-8")) + args.max_new_tokens
+    _, model, tokenizer = _load_checkpoint(
+        args.checkpoint,
+        # the token ids, and the key/value cache of one context window
+        lambda c: 16 * tokens + 8 * c.n_layer * c.block_size * c.n_embd,
+    )
     from minigpt.generate import generate_text  # lazily: only this command needs it
 
     text = generate_text(
@@ -270,7 +561,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from minigpt.checkpoint import read_trainer_state
     from minigpt.train import evaluate
 
-    directory, model, tokenizer = _load_checkpoint(args.checkpoint)
+    directory, model, tokenizer = _load_checkpoint(
+        args.checkpoint,
+        lambda c: 4 * args.batch_size * c.block_size * (16 * c.n_layer * c.n_embd + c.vocab_size),
+    )
     state = read_trainer_state(directory)
     data = {**DEFAULT_CONFIG["data"], **(state.get("metadata") or {}).get("data", {})}
     if args.text_file:
@@ -281,56 +575,113 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise SystemExit("the validation split is shorter than one context window")
     loss = evaluate(model, val_data, batch_size=args.batch_size, iters=args.iters, seed=args.seed)
     print(
-        f"val loss {loss:.4f}  perplexity {math.exp(loss):.2f}  (step {state['step']}, {directory})"
+        f"val loss {loss:.4f}  perplexity {math.exp(min(loss, 700)):.2f}  (step {state['step']}, {directory})"
     )
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``main`` prints it) instead of the usage text."""
+
+    def error(self, message: str):
+        raise SystemExit(f"{message} (see {self.prog} --help)")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``minigpt`` and ``python -m minigpt``."""
-    parser = argparse.ArgumentParser(
-        prog="minigpt", description="Train, sample and evaluate minigpt models."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+    """Entry point of ``minigpt`` and ``python -m minigpt``.
+
+    Every error is one line on stderr and exit status 2 (``--debug`` shows the
+    traceback instead); an interrupted run exits with 130.
+    """
+    parser = _Parser(prog="minigpt", description="Train, sample and evaluate minigpt models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train a model (a config file plus --key=value overrides)")
     p.add_argument("config", nargs="?", help="JSON or TOML config file (default: built-in)")
     p.add_argument(
         "--resume", action="store_true", help="continue from <out_dir>/last if it exists"
     )
+    p.add_argument(
+        "--overwrite", action="store_true", help="delete the checkpoints in out_dir and start again"
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("sample", help="generate text from a checkpoint")
     p.add_argument("checkpoint", help="a checkpoint folder or a run folder (uses its last/)")
     p.add_argument("--prompt", default="\n")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=_int_at_least(0), default=200)
+    p.add_argument("--temperature", type=_finite_float, default=0.8)
+    p.add_argument("--top-k", type=_int_at_least(1), default=None)
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint")
     p.add_argument("checkpoint", help="a checkpoint folder or a run folder (uses its last/)")
-    p.add_argument("--iters", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--iters", type=_int_at_least(1), default=50)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=16)
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument(
         "--text-file", default=None, help="evaluate on this text instead of the run's data"
     )
     p.set_defaults(func=_cmd_eval)
 
-    args, extra = parser.parse_known_args(argv)
-    if args.command == "train":
-        args.overrides = extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]  # accepted before or after the command
     from minigpt.checkpoint import CheckpointError
+    from minigpt.data import DataError
+    from minigpt.train import TrainingDivergedError
 
     try:
+        args, extra = parser.parse_known_args(argv)
+        if args.command == "train":
+            args.overrides = extra
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return args.func(args)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except SystemExit as e:
+        if debug or not isinstance(e.code, str):
+            raise  # --help and the like exit 0 on their own
+        message = e.code
+    except (CheckpointError, DataError, TrainingDivergedError) as e:
+        if debug:
+            raise
+        message = str(e)
+    except OSError as e:  # a full disk or a folder that vanished mid-run
+        if debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        message = f"{where}{e.strerror or e}; check the folder's free space and permissions"
+    except (KeyError, TypeError, ValueError, MemoryError) as e:  # minigpt's own checks
+        if debug:
+            raise
+        message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    print(f"minigpt: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -115,6 +115,11 @@ def pick_device(pref: str, info: DistInfo | None = None) -> torch.device:
             raise RuntimeError(
                 "the config asks for device 'cuda' but no GPU is available; use 'cpu'"
             )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"the config asks for device {pref!r} but this machine has "
+                f"{torch.cuda.device_count()} GPU(s): use 'cuda' or 'cuda:0'"
+            )
         torch.cuda.set_device(device)
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise RuntimeError("the config asks for device 'mps' but MPS is not available; use 'cpu'")
