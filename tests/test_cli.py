@@ -127,11 +127,11 @@ def test_torchrun_ddp_matches_one_process(tmp_path):
 
 
 def test_example_config_is_valid():
+    """(tests/test_pretrained.py checks that it is the course recipe.)"""
     from minigpt.model import GPTConfig
     from minigpt.train import TrainConfig
 
     cfg = load_config(REPO / "configs" / "shakespeare_char.json")
-    model = dict(cfg["model"])
-    GPTConfig.preset(model.pop("preset"), vocab_size=65, **model)
+    GPTConfig(vocab_size=65, **cfg["model"])
     TrainConfig.from_dict(cfg["train"])
     assert cfg["data"]["tokenizer"] == "char"
