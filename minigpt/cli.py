@@ -43,11 +43,31 @@ from typing import Any
 
 __all__ = ["build_tokenizer", "load_config", "load_tokenizer", "main"]
 
+# Without a config file: the course's Shakespeare recipe (minigpt.pretrained.SHAKESPEARE_CHAR,
+# filled in by default_config; configs/shakespeare_char.json spells it out).
 DEFAULT_CONFIG: dict[str, dict[str, Any]] = {
-    "model": {"preset": "cpu-small", "dropout": 0.0},
     "train": {"out_dir": "runs/minigpt"},
     "data": {"dataset": "tinyshakespeare", "tokenizer": "char", "val_fraction": 0.1},
 }
+
+
+def default_config() -> dict[str, dict[str, Any]]:
+    """The built-in config: the course recipe, written to ``runs/minigpt``."""
+    from minigpt.pretrained import SHAKESPEARE_CHAR
+
+    steps = SHAKESPEARE_CHAR["steps"]
+    return {
+        "model": dict(SHAKESPEARE_CHAR["model"]),
+        "train": {
+            **SHAKESPEARE_CHAR["train"],
+            "max_steps": steps,
+            "eval_interval": max(1, steps // 10),
+            **DEFAULT_CONFIG["train"],
+        },
+        "data": dict(DEFAULT_CONFIG["data"]),
+    }
+
+
 _DATA_KEYS = ("dataset", "text_file", "tokenizer", "val_fraction")
 
 
@@ -74,7 +94,7 @@ def _parse_value(text: str) -> Any:
 
 def load_config(path: str | os.PathLike[str] | None, overrides: list[str] = ()) -> dict[str, dict]:
     """Read a config file (JSON or TOML) over the defaults and apply ``--key=value`` overrides."""
-    config = {k: dict(v) for k, v in DEFAULT_CONFIG.items()}
+    config = default_config()
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -99,7 +119,10 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] = ()) 
                     f"{path}: the {section!r} section must be an object of key: value pairs, "
                     f"got {type(values).__name__}"
                 )
-            config[section].update(values)
+            if section == "model" and "preset" in values:
+                config["model"] = dict(values)  # a preset names a whole model: no defaults
+            else:
+                config[section].update(values)
     keys = _section_keys()
     for item in overrides:
         if not item.startswith("--") or "=" not in item:
