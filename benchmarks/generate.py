@@ -3,7 +3,6 @@
     python benchmarks/generate.py            # GPT-2 124M, 128 new tokens (a few minutes on 2 cores)
     python benchmarks/generate.py --quick    # a 2-layer, 128-wide GPT-2-shaped model, 32 tokens
     python benchmarks/generate.py --threads 1  # one intra-op thread for both (less noise on a busy machine)
-    python benchmarks/generate.py --compare-fastpath  # also minigpt with minigpt.cpu's fast path off
 
 Both models are the GPT-2 124M configuration with the same random weights (the
 Hugging Face model's weights are copied into minigpt's GPT), batch 1, a 16-token
@@ -16,40 +15,19 @@ so the ratios are what matter. Prints tokens/s and:
    SDPA attention (goal: at least 1.2x its tokens/s).
 2. minigpt with against without its KV cache (goal: at least 4x).
 
-minigpt runs as ``generate`` runs by default: on the CPU, one sequence decodes
-inside ``minigpt.cpu.decoding`` unless ``MINIGPT_CPU_FASTPATH=0``. With
-``--compare-fastpath`` the cached run is also timed with the fast path off, in the
-same run, and the ratio of the two is printed.
-
-All runs produce the same 128 tokens (checked), so the comparison is like for like.
+Both produce the same 128 tokens (checked), so the comparison is like for like.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import warnings
-from contextlib import contextmanager
 
 import torch
 from timing import best_time  # benchmarks/timing.py
 
-from minigpt import GPT, GPTConfig, cpu
+from minigpt import GPT, GPTConfig
 from minigpt.generate import generate
-
-
-@contextmanager
-def fastpath(on: bool):
-    """minigpt.cpu's fast path on or off for the block (generate reads the variable)."""
-    old = os.environ.get(cpu.ENV_VAR)
-    os.environ[cpu.ENV_VAR] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[cpu.ENV_VAR]
-        else:
-            os.environ[cpu.ENV_VAR] = old
 
 
 def hf_gpt2(n_layer: int, n_embd: int, n_head: int, seed: int = 0):
@@ -105,11 +83,6 @@ def main() -> int:
         "--no-cache-once", action="store_true", help="time the slow uncached run only once"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument(
-        "--compare-fastpath",
-        action="store_true",
-        help="also time minigpt (KV cache) with minigpt.cpu's fast path off",
-    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -124,8 +97,7 @@ def main() -> int:
     print(
         f"GPT-2 configuration, {n_layer} layers, width {n_embd}, {mini.num_parameters() / 1e6:.0f}M parameters, "
         f"random weights; batch 1, 16-token prompt, {new_tokens} new tokens, greedy, "
-        f"CPU with {torch.get_num_threads()} threads; minigpt.cpu fast path: "
-        f"{'on' if cpu.fastpath_enabled() else 'off'}"
+        f"CPU with {torch.get_num_threads()} threads"
     )
 
     def run_hf():
@@ -143,44 +115,28 @@ def main() -> int:
     def run_mini(use_cache: bool = True):
         return generate(mini, prompt, new_tokens, temperature=0, use_cache=use_cache)
 
-    def run_mini_plain():
-        with fastpath(False):
-            return run_mini()
-
     # warm up (first calls allocate and pick kernels), then interleave the runs
     run_hf(), run_mini()
-    if args.compare_fastpath:
-        run_mini_plain()
-    t_hf = t_mini = t_nocache = t_plain = float("inf")
+    t_hf = t_mini = t_nocache = float("inf")
     for i in range(repeats):
         t, out_hf = best_time(run_hf, 1)
         t_hf = min(t_hf, t)
         t, out_mini = best_time(run_mini, 1)
         t_mini = min(t_mini, t)
-        if args.compare_fastpath:
-            t, out_plain = best_time(run_mini_plain, 1)
-            t_plain = min(t_plain, t)
         if i == 0 or not args.no_cache_once:
             t, out_nocache = best_time(lambda: run_mini(False), 1)
             t_nocache = min(t_nocache, t)
     same = torch.equal(out_hf, out_mini) and torch.equal(out_mini, out_nocache)
-    if args.compare_fastpath:
-        same &= torch.equal(out_mini, out_plain)
-    print(f"same tokens from every run: {same}")
+    print(f"same tokens from all three: {same}")
 
     rate = {k: new_tokens / t for k, t in [("hf", t_hf), ("mini", t_mini), ("none", t_nocache)]}
     print(f"transformers generate (KV cache, sdpa): {rate['hf']:8.1f} tokens/s")
     print(f"minigpt generate (KV cache):            {rate['mini']:8.1f} tokens/s")
     print(f"minigpt generate (no cache):            {rate['none']:8.1f} tokens/s")
-    if args.compare_fastpath:
-        rate["plain"] = new_tokens / t_plain
-        print(f"minigpt generate (KV cache, fast path off): {rate['plain']:8.1f} tokens/s")
     r1, r2 = rate["mini"] / rate["hf"], rate["mini"] / rate["none"]
     ok1, ok2 = r1 >= 1.2, r2 >= 4.0
     print(f"minigpt / transformers: {r1:.2f}x (goal >= 1.2x) {'PASS' if ok1 else 'FAIL'}")
     print(f"minigpt cache / no cache: {r2:.2f}x (goal >= 4x) {'PASS' if ok2 else 'FAIL'}")
-    if args.compare_fastpath:
-        print(f"minigpt fast path on / off: {rate['mini'] / rate['plain']:.2f}x")
     if args.quick:
         print("(--quick: a small model; the goals are for the full GPT-2 124M run)")
     return 0 if same else 1

@@ -16,12 +16,9 @@ CPU" one and its default one), hence the default vocabulary of 65 characters;
 ``--vocab-size 50257`` measures with GPT-2's tokenizer, where the output layer
 dominates the small size.
 
-Most of a step is matrix products. minigpt's model is plain ``nn.Linear`` layers;
-``minigpt.cpu.accelerated`` (the CPU fast path, on unless
-``MINIGPT_CPU_FASTPATH=0``) sends their float32 products to oneDNN instead of
-PyTorch's BLAS. The header line says whether it is on, and ``--compare-fastpath``
-also times a third model, minigpt with the fast path off, in the same run (the
-last column is minigpt with it on over minigpt with it off).
+Both models are plain ``nn.Linear`` layers computed by PyTorch's BLAS; the header
+line names the CPU's instruction set (``minigpt.cpu`` says which CPU-specific
+paths were measured and why none is kept).
 
 On a machine whose cores are shared with other busy processes, PyTorch's worker
 threads wait on each other at every operation and both models slow down many times
@@ -31,7 +28,6 @@ over; ``--threads 1`` gives steadier figures there.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 from dataclasses import dataclass
@@ -40,7 +36,7 @@ import torch
 from torch import nn
 
 import minigpt
-from minigpt import GPT, GPTConfig, cpu
+from minigpt import GPT, GPTConfig
 
 GOAL = 1.2
 
@@ -108,23 +104,16 @@ def build_pair(size: Size, vocab_size: int) -> tuple[nn.Module, nn.Module, str]:
     return ours.train(), peer.train(), attn
 
 
-def minigpt_step(model: nn.Module):
-    """A training-step function for a minigpt model; it takes a (B, T + 1) batch of ids."""
-    opt = adamw(model)
+def make_steps(ours: nn.Module, peer: nn.Module):
+    """One training-step function per model; each takes a (B, T + 1) batch of ids."""
+    opt_ours, opt_peer = adamw(ours), adamw(peer)
 
-    def step(batch: torch.Tensor) -> float:
-        _, loss = model(batch[:, :-1], batch[:, 1:])
+    def step_ours(batch: torch.Tensor) -> float:
+        _, loss = ours(batch[:, :-1], batch[:, 1:])
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
         return loss.item()
-
-    return step
-
-
-def peer_step(peer: nn.Module):
-    """A training-step function for the transformers model."""
-    opt_peer = adamw(peer)
 
     def step_peer(batch: torch.Tensor) -> float:
         # the idiomatic transformers call: labels = inputs, shifted inside the model
@@ -134,45 +123,36 @@ def peer_step(peer: nn.Module):
         opt_peer.zero_grad(set_to_none=True)
         return loss.item()
 
-    return step_peer
+    return step_ours, step_peer
 
 
-def measure(
-    size: Size, vocab_size: int, warmup: int, steps: int, compare_fastpath: bool
-) -> dict[str, float | str]:
+def measure(size: Size, vocab_size: int, warmup: int, steps: int) -> dict[str, float | str]:
     ours, peer, attn = build_pair(size, vocab_size)
-    runs = {"minigpt": minigpt_step(ours), "transformers": peer_step(peer)}
-    if compare_fastpath:
-        plain = copy.deepcopy(ours)  # the same weights, never accelerated
-        runs["minigpt, fast path off"] = minigpt_step(plain)
+    step_ours, step_peer = make_steps(ours, peer)
     g = torch.Generator().manual_seed(0)
     shape = (size.batch_size, size.block_size + 1)
     batches = [torch.randint(0, vocab_size, shape, generator=g) for _ in range(warmup + steps)]
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    # the fast path (when on) for the first minigpt model only, for the whole run
-    with cpu.accelerated(ours):
-        for i, batch in enumerate(batches):
-            # rotate which model goes first, so none always runs on a warmer cache
-            order = list(runs.items())
-            order = order[i % len(order) :] + order[: i % len(order)]
-            for name, step in order:
-                t0 = time.perf_counter()
-                loss = step(batch)
-                elapsed = time.perf_counter() - t0
-                if not torch.isfinite(torch.tensor(loss)):
-                    raise RuntimeError(f"{name} produced a non-finite loss at step {i}")
-                if i >= warmup:
-                    times[name].append(elapsed)
+    times: dict[str, list[float]] = {"minigpt": [], "transformers": []}
+    for i, batch in enumerate(batches):
+        # alternate which model goes first, so neither always runs on a warmer cache
+        order = [("minigpt", step_ours), ("transformers", step_peer)]
+        for name, step in order if i % 2 == 0 else order[::-1]:
+            t0 = time.perf_counter()
+            loss = step(batch)
+            elapsed = time.perf_counter() - t0
+            if not torch.isfinite(torch.tensor(loss)):
+                raise RuntimeError(f"{name} produced a non-finite loss at step {i}")
+            if i >= warmup:
+                times[name].append(elapsed)
     tokens = size.batch_size * size.block_size
-    tps = {name: tokens / statistics.median(t) for name, t in times.items()}
-    result: dict[str, float | str] = {
-        **tps,
-        "ratio": tps["minigpt"] / tps["transformers"],
+    ours_tps = tokens / statistics.median(times["minigpt"])
+    peer_tps = tokens / statistics.median(times["transformers"])
+    return {
+        "minigpt": ours_tps,
+        "transformers": peer_tps,
+        "ratio": ours_tps / peer_tps,
         "attn": attn,
     }
-    if compare_fastpath:
-        result["on/off"] = tps["minigpt"] / tps["minigpt, fast path off"]
-    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,11 +164,6 @@ def main(argv: list[str] | None = None) -> int:
         "--vocab-size", type=int, default=65, help="default: Tiny Shakespeare's characters"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    parser.add_argument(
-        "--compare-fastpath",
-        action="store_true",
-        help="also time minigpt with minigpt.cpu's fast path off, in the same run",
-    )
     args = parser.parse_args(argv)
     if args.quick:
         args.warmup, args.steps = 2, 3
@@ -200,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
         f"minigpt {minigpt.__version__}; {torch.get_num_threads()} threads, float32 on CPU "
-        f"({torch.backends.cpu.get_cpu_capability()}); minigpt.cpu fast path: "
-        f"{'on' if cpu.fastpath_enabled() else 'off'}"
+        f"({torch.backends.cpu.get_cpu_capability()})"
     )
     print(
         f"vocab {args.vocab_size}, AdamW (fused if available) for both; "
@@ -210,22 +184,18 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         f"{'size':<30} {'minigpt tok/s':>14} {'transformers tok/s':>19} {'ratio':>7}  goal {GOAL}x"
     )
-    if args.compare_fastpath:
-        header += f"  {'fast path off tok/s':>19} {'on/off':>7}"
     print(header)
     print("-" * len(header))
     ok = True
     for size in SIZES:
-        r = measure(size, args.vocab_size, args.warmup, args.steps, args.compare_fastpath)
+        r = measure(size, args.vocab_size, args.warmup, args.steps)
         passed = r["ratio"] >= GOAL
         ok &= passed
-        line = (
+        print(
             f"{size.name:<30} {r['minigpt']:>14,.0f} {r['transformers']:>19,.0f} "
-            f"{r['ratio']:>6.2f}x  {'PASS' if passed else 'FAIL'}"
+            f"{r['ratio']:>6.2f}x  {'PASS' if passed else 'FAIL'}",
+            flush=True,
         )
-        if args.compare_fastpath:
-            line += f"  {r['minigpt, fast path off']:>19,.0f} {r['on/off']:>6.2f}x"
-        print(line, flush=True)
     print(f"\n(transformers attention implementation: {r['attn']})")
     print("overall:", "PASS" if ok else "FAIL")
     return 0

@@ -36,7 +36,6 @@ import dataclasses
 import difflib
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -44,7 +43,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from minigpt import cpu
 from minigpt.model import GPT
 
 __all__ = [
@@ -372,8 +370,6 @@ def _decode(
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=idx.device).manual_seed(sampling.seed)
-    # one sequence on the CPU: minigpt.cpu's row-block products, when they are on
-    one_row_decode = B == 1 and idx.device.type == "cpu" and cpu.fastpath_enabled()
     stop_tokens, penalty = sampling.stop_tokens, sampling.repetition_penalty
     if stop_tokens:
         stops = torch.tensor(stop_tokens, device=idx.device)
@@ -391,9 +387,7 @@ def _decode(
                     layer.reset()
                 start = n - block_size
             new = seq[:, start + cache[0].length : n]  # the prompt, then one token a step
-            # the fast path only around the model call, never across a yield
-            with cpu.decoding(True) if one_row_decode and new.shape[1] == 1 else nullcontext():
-                logits = model.lm_head(model._hidden_states(new, cache, last_only=True))
+            logits = model.lm_head(model._hidden_states(new, cache, last_only=True))
         logits = logits[:, -1, :]  # (B, V)
         if penalty is not None:
             logits = _penalize(logits, seq[:, :n], penalty)

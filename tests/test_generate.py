@@ -9,8 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minigpt import GPT, GPTConfig, cpu
-from minigpt.cpu import _RowBlockLinear
+from minigpt import GPT, GPTConfig
 from minigpt.generate import (
     SamplingConfig,
     _TextDecoder,
@@ -362,43 +361,6 @@ def test_last_only_logits():
     torch.testing.assert_close(last, full[:, -1:])
     with pytest.raises(ValueError, match="last_only"):
         model(idx, idx, last_only=True)
-
-
-def test_generation_leaves_no_torch_function_mode_active(monkeypatch):
-    """minigpt.cpu.decoding is entered around each one-token model call, never across a yield."""
-    from torch.overrides import _get_current_function_mode_stack
-
-    monkeypatch.delenv(cpu.ENV_VAR, raising=False)
-    calls = []
-    fast = _RowBlockLinear._linear
-    monkeypatch.setattr(
-        _RowBlockLinear, "_linear", lambda self, *a: calls.append(1) or fast(self, *a)
-    )
-    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=1024, vocab_size=600, block_size=64))
-    torch.set_num_threads(2)  # the fast path needs a second thread
-    try:
-        for _ in stream(model, [1, 2, 3], 5, temperature=0):
-            assert _get_current_function_mode_stack() == []
-        assert torch.equal(
-            generate(model, torch.tensor([[1, 2, 3]]), 5, temperature=0),
-            generate(model, torch.tensor([[1, 2, 3]]), 5, temperature=0, use_cache=False),
-        )
-    finally:
-        torch.set_num_threads(1)
-    assert len(calls) == 2 * 5 * 4  # 2 runs x 5 linears (4 in the block, the head) x 4 steps
-
-
-def test_generation_without_the_cpu_fast_path(monkeypatch):
-    calls = []
-    monkeypatch.setattr(_RowBlockLinear, "_linear", lambda self, *a: calls.append(1))
-    monkeypatch.setenv(cpu.ENV_VAR, "0")
-    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=1024, vocab_size=600, block_size=64))
-    torch.set_num_threads(2)
-    try:
-        out = generate(model, torch.tensor([[1, 2, 3]]), 4, temperature=0)
-    finally:
-        torch.set_num_threads(1)
-    assert out.shape == (1, 7) and calls == []
 
 
 def test_hidden_states_feed_the_head():
