@@ -1,9 +1,9 @@
 """Removed: every layer of ``GPT`` is a plain ``torch.nn.Linear`` now.
 
-The CPU fast path that lived here (oneDNN products) moved to ``minigpt.cpu``.
-This stub only keeps ``from minigpt.linear import Linear`` working in modules that
-have not been updated yet; ``Linear`` is ``torch.nn.Linear`` itself. Delete this
-file once nothing imports it.
+The oneDNN CPU path that lived here was measured and removed (``minigpt.cpu``
+says why). This stub only keeps ``from minigpt.linear import Linear`` working in
+modules not yet updated; ``Linear`` is ``torch.nn.Linear`` itself. Delete it once
+nothing imports it.
 """
 
 from torch.nn import Linear
