@@ -16,10 +16,9 @@ CPU" one and its default one), hence the default vocabulary of 65 characters;
 ``--vocab-size 50257`` measures with GPT-2's tokenizer, where the output layer
 dominates the small size.
 
-Most of a step is matrix products. minigpt's ``Linear`` layers send them to oneDNN
-where that was measured faster than PyTorch's BLAS (``minigpt.linear``: about 2x
-on AVX-512 CPUs that are not Intel's); the header line says which backend this CPU
-got, and ``MINIGPT_LINEAR=torch`` measures without it.
+Both models are plain ``nn.Linear`` layers computed by PyTorch's BLAS; the header
+line names the CPU's instruction set (``minigpt.cpu`` says which CPU-specific
+paths were measured and why none is kept).
 
 On a machine whose cores are shared with other busy processes, PyTorch's worker
 threads wait on each other at every operation and both models slow down many times
@@ -38,7 +37,6 @@ from torch import nn
 
 import minigpt
 from minigpt import GPT, GPTConfig
-from minigpt.linear import linear_backend
 
 GOAL = 1.2
 
@@ -177,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
         f"minigpt {minigpt.__version__}; {torch.get_num_threads()} threads, float32 on CPU "
-        f"({torch.backends.cpu.get_cpu_capability()}); minigpt.linear: {linear_backend()}"
+        f"({torch.backends.cpu.get_cpu_capability()})"
     )
     print(
         f"vocab {args.vocab_size}, AdamW (fused if available) for both; "

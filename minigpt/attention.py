@@ -12,13 +12,13 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minigpt.embeddings import RotaryEmbedding
-from minigpt.linear import Linear
 
 __all__ = ["CausalSelfAttention", "KVCache", "causal_mask", "scaled_dot_product_attention"]
 
@@ -169,17 +169,46 @@ class CausalSelfAttention(nn.Module):
             raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
         if n_head % n_kv_head:
             raise ValueError(f"n_head ({n_head}) must be divisible by n_kv_head ({n_kv_head})")
+        if rope is not None and rope.head_dim != n_embd // n_head:
+            raise ValueError(
+                f"rope head_dim {rope.head_dim} != attention head size {n_embd // n_head}"
+            )
+        self._build(n_embd, n_head, n_kv_head, block_size, dropout, bias, rope)
+
+    @classmethod
+    def from_config(cls, config: Any, rope: RotaryEmbedding | None = None) -> CausalSelfAttention:
+        """The layer a ``GPTConfig`` describes, built without checking again what the
+        config checked when it was made (``GPT`` builds its layers this way).
+
+        ``config`` needs ``n_embd``, ``n_head``, ``n_kv_head`` (None = n_head),
+        ``block_size``, ``dropout`` and ``bias``; ``rope`` must have its head size.
+        """
+        layer = cls.__new__(cls)  # skip __init__ and its checks
+        nn.Module.__init__(layer)
+        n_kv_head = config.n_head if config.n_kv_head is None else config.n_kv_head
+        layer._build(
+            config.n_embd, config.n_head, n_kv_head, config.block_size, config.dropout,
+            config.bias, rope,
+        )  # fmt: skip
+        return layer
+
+    def _build(
+        self,
+        n_embd: int,
+        n_head: int,
+        n_kv_head: int,
+        block_size: int,
+        dropout: float,
+        bias: bool,
+        rope: RotaryEmbedding | None,
+    ) -> None:
         self.n_embd, self.n_head, self.n_kv_head = n_embd, n_head, n_kv_head
         self.head_dim = n_embd // n_head
         self.block_size, self.dropout = block_size, dropout
-        if rope is not None and rope.head_dim != self.head_dim:
-            raise ValueError(
-                f"rope head_dim {rope.head_dim} != attention head size {self.head_dim}"
-            )
         self.rope = rope
         # queries for every head, keys and values for the (fewer) kv heads, in one matmul
-        self.c_attn = Linear(n_embd, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias)
-        self.c_proj = Linear(n_embd, n_embd, bias=bias)
+        self.c_attn = nn.Linear(n_embd, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias)
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:

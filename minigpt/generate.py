@@ -6,10 +6,16 @@ run the model, pick a token from its last-position logits, append it, repeat.
 - ``sample_next_token`` picks one token from logits: greedy (temperature 0) or a
   random draw after temperature scaling, ``top_k_filter`` and ``top_p_filter``.
 - ``apply_repetition_penalty`` makes tokens already in the sequence less likely.
+- ``SamplingConfig`` holds the settings of one way of sampling (temperature,
+  top-k, top-p, repetition penalty, stop tokens, seed), validated once.
 - ``generate`` runs the loop for a batch of prompts, with a KV cache by default so
   that each step processes only the newest token.
 - ``stream`` yields the new tokens (or text pieces) as they are produced, and
   ``generate_text`` goes from a prompt string to the generated string.
+
+All three take a ``SamplingConfig`` or its fields as keywords:
+``generate(model, idx, 50, temperature=0.8, top_k=20)`` is
+``generate(model, idx, 50, SamplingConfig(temperature=0.8, top_k=20))``.
 
 Order of operations at each step (the same as Hugging Face ``transformers``):
 repetition penalty on the raw logits, then temperature, then top-k, then top-p,
@@ -26,19 +32,21 @@ costs, only once the sequence is longer than ``block_size``.
 from __future__ import annotations
 
 import codecs
+import dataclasses
+import difflib
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import nullcontext
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 
 from minigpt.model import GPT
 
 __all__ = [
+    "SamplingConfig",
     "Tokenizer",
     "apply_repetition_penalty",
     "generate",
@@ -96,6 +104,83 @@ def _check_logits(logits: Tensor) -> None:
         raise ValueError(f"logits must have shape (..., V) with V >= 1, got {tuple(logits.shape)}")
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How ``generate``, ``stream`` and ``generate_text`` pick each next token.
+
+    Validated once, when it is made; the functions take it as ``sampling=`` or its
+    fields as keywords (``temperature=0.8, top_k=20``).
+
+    Attributes:
+        temperature: >= 0; 0 is greedy decoding (the argmax), 1 the model's
+            distribution, < 1 sharper, > 1 flatter (see ``sample_next_token``).
+        top_k: keep only the k likeliest tokens (None = all).
+        top_p: keep the smallest set of likeliest tokens with mass >= top_p, in (0, 1]
+            (None = all).
+        repetition_penalty: > 0; > 1 discourages tokens already in the sequence,
+            1 or None changes nothing.
+        stop_tokens: token ids that end a row (kept in the output; a finished row
+            repeats its stop token while the others go on). An int or any iterable
+            of ints is accepted and stored as a tuple.
+        seed: seeds a private ``torch.Generator``, so the draws do not depend on
+            (or change) the global random state; None uses the global state.
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    stop_tokens: tuple[int, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_sampling(self.temperature, self.top_k, self.top_p)
+        _check_penalty(self.repetition_penalty)
+        stops = self.stop_tokens
+        if stops is None:
+            stops = ()
+        elif _is_int(stops):
+            stops = (stops,)
+        elif isinstance(stops, (str, bytes)) or not isinstance(stops, Iterable):
+            raise TypeError(
+                f"stop_tokens must be a token id or a list of token ids, got {stops!r}; "
+                "encode a stop string with the tokenizer first"
+            )
+        stops = tuple(stops)
+        for t in stops:
+            if not _is_int(t) or t < 0:
+                raise ValueError(f"stop_tokens must be token ids (ints >= 0), got {t!r}")
+        object.__setattr__(self, "stop_tokens", stops)  # frozen: set once, here
+        if self.seed is not None and not _is_int(self.seed):
+            raise TypeError(f"seed must be an int or None, got {self.seed!r}")
+
+
+_SETTINGS = tuple(f.name for f in dataclasses.fields(SamplingConfig))
+
+
+def _sampling_config(sampling: SamplingConfig | None, settings: dict[str, Any]) -> SamplingConfig:
+    """The one ``SamplingConfig`` a call uses: ``sampling`` with ``settings`` on top."""
+    unknown = sorted(set(settings) - set(_SETTINGS))
+    if unknown:
+        hints = [difflib.get_close_matches(name, _SETTINGS, n=1) for name in unknown]
+        hint = "".join(f"; did you mean {h[0]!r} for {n!r}?" for n, h in zip(unknown, hints) if h)
+        raise TypeError(
+            f"unknown sampling setting(s) {unknown}{hint} (the settings are {_SETTINGS})"
+        )
+    if sampling is None:
+        return SamplingConfig(**settings)
+    if not isinstance(sampling, SamplingConfig):
+        raise TypeError(
+            f"sampling must be a SamplingConfig or None, got {sampling!r}; pass sampling "
+            "settings by name, e.g. generate(model, idx, 50, temperature=0.8)"
+        )
+    return dataclasses.replace(sampling, **settings) if settings else sampling
+
+
 # ---------------------------------------------------------------- one step
 
 
@@ -113,6 +198,10 @@ def top_k_filter(logits: Tensor, k: int) -> Tensor:
     """
     _check_logits(logits)
     _check_sampling(1.0, k, None)
+    return _top_k(logits, k)
+
+
+def _top_k(logits: Tensor, k: int) -> Tensor:
     if k >= logits.shape[-1]:
         return logits.clone()
     values, indices = torch.topk(logits, k, dim=-1)  # (..., k)
@@ -134,6 +223,10 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     """
     _check_logits(logits)
     _check_sampling(1.0, None, p)
+    return _top_p(logits, p)
+
+
+def _top_p(logits: Tensor, p: float) -> Tensor:
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (..., V)
     probs = sorted_logits.float().softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each one
@@ -162,6 +255,10 @@ def apply_repetition_penalty(logits: Tensor, ids: Tensor, penalty: float) -> Ten
             f"need logits (B, V) and ids (B, T) with the same B, got {tuple(logits.shape)} "
             f"and {tuple(ids.shape)}"
         )
+    return _penalize(logits, ids, penalty)
+
+
+def _penalize(logits: Tensor, ids: Tensor, penalty: float) -> Tensor:
     seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, ids.long(), True)  # (B, V)
     penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
     return torch.where(seen, penalized, logits)
@@ -193,13 +290,24 @@ def sample_next_token(
     """
     _check_logits(logits)
     _check_sampling(temperature, top_k, top_p)
+    return _sample(logits, temperature, top_k, top_p, generator)
+
+
+def _sample(
+    logits: Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """``sample_next_token`` on arguments that were checked already."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
     if top_k is not None:
-        logits = top_k_filter(logits, top_k)
+        logits = _top_k(logits, top_k)
     if top_p is not None:
-        logits = top_p_filter(logits, top_p)
+        logits = _top_p(logits, top_p)
     probs = F.softmax(logits, dim=-1)  # (..., V)
     flat = probs.reshape(-1, probs.shape[-1])  # multinomial wants 1-D or 2-D input
     return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
@@ -229,85 +337,29 @@ def _as_prompt(model: GPT, idx: Tensor) -> Tensor:
             "token to condition on, e.g. a newline or an end-of-text token"
         )
     V = model.config.vocab_size
-    lo, hi = int(idx.min()), int(idx.max())
+    # the one range check of the whole generation (on a GPU, one host sync per call)
+    lo, hi = torch.stack(torch.aminmax(idx)).tolist()
     if lo < 0 or hi >= V:
         raise ValueError(f"prompt token ids must be in [0, {V}), got values in [{lo}, {hi}]")
     return idx.long()
 
 
-def _as_stop_tokens(stop_tokens: int | Iterable[int] | None, vocab_size: int) -> list[int]:
-    if stop_tokens is None:
-        return []
-    tokens = [stop_tokens] if isinstance(stop_tokens, int) else list(stop_tokens)
-    for t in tokens:
-        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
-            raise ValueError(f"stop_tokens must be token ids in [0, {vocab_size}), got {t!r}")
-    return tokens
-
-
-class _RowBlockLinear(TorchFunctionMode):
-    """While active, ``F.linear`` on a single row on the CPU runs as a batched matmul.
-
-    Generating one sequence with a KV cache multiplies one vector by every weight
-    matrix at each step. On the CPU the matrix-vector kernel behind ``F.linear``
-    (a vector times an (out, in) weight) barely uses a second thread and reads
-    memory slowly; cutting the weight into ``blocks`` groups of rows and handing
-    them to ``torch.bmm``, which shares a batch out over the threads, computes the
-    same dot products about 1.5x (blocks) to 2x (the output head) faster, with no
-    copy of the weights. ``benchmarks/generate.py`` measures the whole loop.
-    Below about half a million weights the extra call costs more than it saves,
-    so smaller matrices, and every other call, pass through unchanged. With a
-    single thread there is nothing to share out and ``_decode`` leaves it off.
-    """
-
-    def __init__(self, blocks: int = 8, min_size: int = 1 << 19) -> None:
-        super().__init__()
-        self.blocks, self.min_size = blocks, min_size
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        kwargs = kwargs or {}
-        if func is F.linear:
-            x, weight = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            one_row = x.numel() == x.shape[-1]
-            big = weight.dim() == 2 and weight.numel() >= self.min_size
-            if one_row and big and x.device.type == "cpu" and weight.is_contiguous():
-                return self._linear(x, weight, bias)
-        return func(*args, **kwargs)
-
-    def _linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        """(..., in) with one row, (out, in), (out,) -> (..., out); equal to F.linear."""
-        out_features, in_features = weight.shape
-        k = self.blocks
-        rows = out_features // k * k  # the rows that fill k equal blocks
-        w = weight[:rows].reshape(k, rows // k, in_features).transpose(1, 2)  # (k, in, rows/k)
-        v = x.reshape(1, 1, in_features).expand(k, 1, in_features)  # (k, 1, in)
-        if bias is None:
-            y = torch.bmm(v, w)
-        else:
-            y = torch.baddbmm(bias[:rows].view(k, 1, rows // k), v, w)
-        y = y.reshape(1, rows)
-        if rows < out_features:  # the few rows left over
-            rest = F.linear(v[0], weight[rows:], None if bias is None else bias[rows:])
-            y = torch.cat([y, rest], dim=1)
-        return y.view(*x.shape[:-1], out_features)
+def _check_stop_tokens(sampling: SamplingConfig, vocab_size: int) -> None:
+    for t in sampling.stop_tokens:
+        if t >= vocab_size:
+            raise ValueError(
+                f"stop_tokens must be token ids in [0, {vocab_size}) for this model, got {t}"
+            )
 
 
 @torch.inference_mode()
 def _decode(
-    model: GPT,
-    idx: Tensor,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    repetition_penalty: float | None,
-    stop_tokens: list[int],
-    seed: int | None,
-    use_cache: bool,
+    model: GPT, idx: Tensor, max_new_tokens: int, sampling: SamplingConfig, use_cache: bool
 ) -> Iterator[tuple[Tensor, int]]:
-    """The generation loop. Yields (seq, n) after each step: the first n columns
-    of the preallocated (B, T + max_new_tokens) buffer ``seq`` are filled."""
+    """The generation loop, on a prompt and settings that were checked already.
+
+    Yields (seq, n) after each step: the first n columns of the preallocated
+    (B, T + max_new_tokens) buffer ``seq`` are filled."""
     B, T = idx.shape
     block_size = model.config.block_size
     seq = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
@@ -316,10 +368,9 @@ def _decode(
     cache = model.new_kv_cache(B) if use_cache else None
     start = 0  # with a cache: the position in seq of the cache's first token
     generator = None
-    if seed is not None:
-        generator = torch.Generator(device=idx.device).manual_seed(seed)
-    # see _RowBlockLinear (with one thread the batched matmul gains nothing)
-    fast_gemv = B == 1 and idx.device.type == "cpu" and torch.get_num_threads() > 1
+    if sampling.seed is not None:
+        generator = torch.Generator(device=idx.device).manual_seed(sampling.seed)
+    stop_tokens, penalty = sampling.stop_tokens, sampling.repetition_penalty
     if stop_tokens:
         stops = torch.tensor(stop_tokens, device=idx.device)
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
@@ -328,20 +379,19 @@ def _decode(
     for _ in range(max_new_tokens):
         if cache is None:
             # no cache: run the whole window (the last block_size tokens) again
-            logits, _ = model(seq[:, max(0, n - block_size) : n], last_only=True)
+            window = seq[:, max(0, n - block_size) : n]
+            logits = model.lm_head(model._hidden_states(window, None, last_only=True))
         else:
             if n - start > block_size:  # the window slid: rebuild the cache from it
                 for layer in cache:
                     layer.reset()
                 start = n - block_size
             new = seq[:, start + cache[0].length : n]  # the prompt, then one token a step
-            # the fast path only around the model call, never across a yield
-            with _RowBlockLinear() if fast_gemv and new.shape[1] == 1 else nullcontext():
-                logits, _ = model(new, kv_cache=cache, last_only=True)
+            logits = model.lm_head(model._hidden_states(new, cache, last_only=True))
         logits = logits[:, -1, :]  # (B, V)
-        if repetition_penalty is not None:
-            logits = apply_repetition_penalty(logits, seq[:, :n], repetition_penalty)
-        token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
+        if penalty is not None:
+            logits = _penalize(logits, seq[:, :n], penalty)
+        token = _sample(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)
         if stop_tokens:
             token = torch.where(finished, pad, token)  # finished rows repeat their stop token
             just_stopped = torch.isin(token, stops) & ~finished
@@ -365,13 +415,10 @@ def generate(
     model: GPT,
     idx: Tensor,
     max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float | None = None,
-    stop_tokens: int | Iterable[int] | None = None,
-    seed: int | None = None,
+    sampling: SamplingConfig | None = None,
+    *,
     use_cache: bool = True,
+    **settings: Any,
 ) -> Tensor:
     """Continue a batch of prompts by ``max_new_tokens`` tokens.
 
@@ -380,31 +427,24 @@ def generate(
             restored afterwards.
         idx: (B, T) int64 token ids, T >= 1. All rows have the same length.
         max_new_tokens: how many tokens to add (fewer if every row stops early).
-        temperature, top_k, top_p: see ``sample_next_token``; temperature 0 is greedy.
-        repetition_penalty: > 1 discourages tokens already in the sequence (None = off).
-        stop_tokens: token id(s) that end a row. The stop token is kept; a finished
-            row repeats it while the other rows go on, and generation ends when
-            every row has stopped.
-        seed: seeds a private ``torch.Generator``, so results do not depend on (or
-            change) the global random state. None uses the global state.
+        sampling: a ``SamplingConfig``; None = its defaults (temperature 1, no filters).
         use_cache: keep keys/values between steps (fast); False re-runs the model on
             the whole window at each step (the reference the cache must agree with).
+        **settings: ``SamplingConfig`` fields (temperature, top_k, top_p,
+            repetition_penalty, stop_tokens, seed), on top of ``sampling``.
     Returns:
         (B, T + n) int64 ids: the prompts followed by the n <= max_new_tokens new tokens.
+        A row that stopped early repeats its stop token to the end.
     """
+    config = _sampling_config(sampling, settings)
     idx = _as_prompt(model, idx)
-    _check_sampling(temperature, top_k, top_p)
     _check_length(max_new_tokens)
-    stops = _as_stop_tokens(stop_tokens, model.config.vocab_size)
-    _check_penalty(repetition_penalty)
+    _check_stop_tokens(config, model.config.vocab_size)
     was_training = model.training
     model.eval()
     try:
         seq, n = idx, idx.shape[1]
-        for step in _decode(
-            model, idx, max_new_tokens, temperature, top_k, top_p,
-            repetition_penalty, stops, seed, use_cache,
-        ):  # fmt: skip
+        for step in _decode(model, idx, max_new_tokens, config, use_cache):
             seq, n = step
     finally:
         model.train(was_training)
@@ -446,15 +486,11 @@ def stream(
     model: GPT,
     prompt: str | Sequence[int] | Tensor,
     max_new_tokens: int,
+    sampling: SamplingConfig | None = None,
     *,
     tokenizer: Tokenizer | None = None,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float | None = None,
-    stop_tokens: int | Iterable[int] | None = None,
-    seed: int | None = None,
     use_cache: bool = True,
+    **settings: Any,
 ) -> Iterator[int] | Iterator[str]:
     """Generate one sequence, yielding each new token as soon as it is sampled.
 
@@ -472,18 +508,14 @@ def stream(
     The other arguments are those of ``generate``. Arguments are checked here, at
     the call; the model runs as the iterator is consumed.
     """
+    config = _sampling_config(sampling, settings)
     idx = _as_prompt(model, _prompt_ids(model, prompt, tokenizer))
-    _check_sampling(temperature, top_k, top_p)
     _check_length(max_new_tokens)
-    _check_penalty(repetition_penalty)
-    stops = _as_stop_tokens(stop_tokens, model.config.vocab_size)
-    steps = _decode(
-        model, idx, max_new_tokens, temperature, top_k, top_p,
-        repetition_penalty, stops, seed, use_cache,
-    )  # fmt: skip
+    _check_stop_tokens(config, model.config.vocab_size)
+    steps = _decode(model, idx, max_new_tokens, config, use_cache)
     if tokenizer is None:
         return _stream_ids(model, steps)
-    return _stream_text(model, steps, _TextDecoder(tokenizer, stops))
+    return _stream_text(model, steps, _TextDecoder(tokenizer, config.stop_tokens))
 
 
 def _stream_ids(model: GPT, steps: Iterator[tuple[Tensor, int]]) -> Iterator[int]:
@@ -516,7 +548,7 @@ def _stream_text(
 class _TextDecoder:
     """Turns a stream of token ids into a stream of complete text pieces."""
 
-    def __init__(self, tokenizer: Tokenizer, stops: list[int]) -> None:
+    def __init__(self, tokenizer: Tokenizer, stops: Iterable[int]) -> None:
         self.tokenizer, self.stops = tokenizer, set(stops)
         self.decode_bytes = getattr(tokenizer, "decode_bytes", None)
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -553,18 +585,22 @@ def generate_text(
     tokenizer: Tokenizer,
     prompt: str,
     max_new_tokens: int = 100,
-    **options: object,
+    sampling: SamplingConfig | None = None,
+    *,
+    use_cache: bool = True,
+    **settings: Any,
 ) -> str:
     """Continue ``prompt`` and return the generated text (without the prompt).
 
-    ``options`` are those of ``generate`` (temperature, top_k, top_p,
-    repetition_penalty, stop_tokens, seed, use_cache). Stop tokens are not
-    included in the text. Bytes are decoded with ``tokenizer.decode_bytes`` when
-    the tokenizer has it (invalid UTF-8 becomes U+FFFD), else with ``decode``.
+    ``sampling``, ``use_cache`` and ``settings`` are those of ``generate``. Stop
+    tokens are not included in the text. Bytes are decoded with
+    ``tokenizer.decode_bytes`` when the tokenizer has it (invalid UTF-8 becomes
+    U+FFFD), else with ``decode``.
     """
+    config = _sampling_config(sampling, settings)
     idx = _prompt_ids(model, prompt, tokenizer)
-    out = generate(model, idx, max_new_tokens, **options)  # type: ignore[arg-type]
-    stops = set(_as_stop_tokens(options.get("stop_tokens"), model.config.vocab_size))  # type: ignore[arg-type]
+    out = generate(model, idx, max_new_tokens, config, use_cache=use_cache)
+    stops = set(config.stop_tokens)
     new = [t for t in out[0, idx.shape[1] :].tolist() if t not in stops]
     decode_bytes = getattr(tokenizer, "decode_bytes", None)
     if decode_bytes is not None:

@@ -27,8 +27,6 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from minigpt.linear import Linear
-
 __all__ = ["LoRALinear", "apply_lora", "count_parameters", "lora_modules", "merge_lora"]
 
 
@@ -100,10 +98,9 @@ class LoRALinear(nn.Module):
         return self.base(x) + update * self.scaling
 
     def merged(self) -> nn.Linear:
-        """A plain linear layer (``minigpt.linear.Linear``, an ``nn.Linear``) computing
-        the same function (weight W + (alpha/r) B A)."""
+        """A plain ``nn.Linear`` computing the same function (weight W + (alpha/r) B A)."""
         base = self.base
-        out = Linear(
+        out = nn.Linear(
             base.in_features,
             base.out_features,
             bias=base.bias is not None,

@@ -44,7 +44,6 @@ from minigpt.embeddings import (
     RotaryEmbedding,
     SinusoidalPositionalEncoding,
 )
-from minigpt.linear import Linear
 
 __all__ = ["GPT", "MLP", "PRESETS", "Block", "GPTConfig", "RMSNorm", "SwiGLU"]
 
@@ -203,8 +202,8 @@ class MLP(nn.Module):
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = Linear(config.n_embd, config.hidden_dim, bias=config.bias)
-        self.c_proj = Linear(config.hidden_dim, config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, config.hidden_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.hidden_dim, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -218,8 +217,8 @@ class SwiGLU(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         # gate and up projections fused into one matmul, split afterwards
-        self.c_fc = Linear(config.n_embd, 2 * config.hidden_dim, bias=config.bias)
-        self.c_proj = Linear(config.hidden_dim, config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, 2 * config.hidden_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.hidden_dim, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -234,15 +233,7 @@ class Block(nn.Module):
     def __init__(self, config: GPTConfig, rope: RotaryEmbedding | None = None) -> None:
         super().__init__()
         self.ln_1 = _norm(config)
-        self.attn = CausalSelfAttention(
-            config.n_embd,
-            config.n_head,
-            config.n_kv_head,
-            block_size=config.block_size,
-            dropout=config.dropout,
-            bias=config.bias,
-            rope=rope,
-        )
+        self.attn = CausalSelfAttention.from_config(config, rope)  # checked by GPTConfig
         self.ln_2 = _norm(config)
         self.mlp = SwiGLU(config) if config.mlp == "swiglu" else MLP(config)
 
@@ -278,7 +269,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config, rope) for _ in range(config.n_layer))
         self.ln_f = _norm(config)
-        self.lm_head = Linear(C, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.wte.weight  # one matrix reads and writes tokens
         self.reset_parameters()
@@ -339,15 +330,16 @@ class GPT(nn.Module):
         """
         if last_only and targets is not None:
             raise ValueError("last_only=True computes no loss: pass targets or last_only, not both")
-        x = self.hidden_states(idx, kv_cache, last_only)  # (B, T, C) or (B, 1, C)
-        B, T = idx.shape
+        self._check_ids(idx, kv_cache)
+        if targets is not None and targets.shape != idx.shape:
+            raise ValueError(
+                f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}"
+            )
+        x = self._hidden_states(idx, kv_cache, last_only)  # (B, T, C) or (B, 1, C)
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:
-            if targets.shape != idx.shape:
-                raise ValueError(
-                    f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}"
-                )
+            B, T = idx.shape
             loss = F.cross_entropy(
                 logits.view(B * T, -1).float(), targets.reshape(B * T), ignore_index=-100
             )
@@ -362,6 +354,13 @@ class GPT(nn.Module):
         Returns (B, T, C), or (B, 1, C) with ``last_only``.
         """
         self._check_ids(idx, kv_cache)
+        return self._hidden_states(idx, kv_cache, last_only)
+
+    def _hidden_states(
+        self, idx: Tensor, kv_cache: list[KVCache] | None, last_only: bool
+    ) -> Tensor:
+        """``hidden_states`` without the checks, for a caller that made them once
+        (``minigpt.generate`` checks the prompt, then feeds the tokens it samples)."""
         T = idx.shape[1]
         offset = 0 if kv_cache is None else kv_cache[0].length
         x = self.wte(idx)  # (B, T, C)
@@ -375,6 +374,9 @@ class GPT(nn.Module):
         return self.ln_f(x)
 
     def _check_ids(self, idx: Tensor, kv_cache: list[KVCache] | None) -> None:
+        """The checks of forward's inputs. Only the shapes and, on the CPU, the id
+        range: reading the ids' values on a GPU would wait for the GPU at every
+        step, and there ``nn.Embedding`` refuses an id out of range by itself."""
         if not isinstance(idx, Tensor) or idx.dtype not in (
             torch.long,
             torch.int,
@@ -399,11 +401,13 @@ class GPT(nn.Module):
                 f"sequence of {offset + idx.shape[1]} tokens is longer than the model's context "
                 f"(block_size={self.config.block_size}); crop it to the last {self.config.block_size} tokens"
             )
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < 0 or hi >= self.config.vocab_size:
-            raise ValueError(
-                f"token ids must be in [0, {self.config.vocab_size}), got values in [{lo}, {hi}]"
-            )
+        if idx.device.type == "cpu" and idx.numel():
+            lo, hi = torch.aminmax(idx)
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(
+                    f"token ids must be in [0, {self.config.vocab_size}), got values in "
+                    f"[{int(lo)}, {int(hi)}]"
+                )
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> list[KVCache]:
         """Empty per-layer KV caches on the model's device and dtype."""

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from minigpt.attention import (
     CausalSelfAttention,
@@ -277,6 +278,7 @@ def test_dropout_only_in_training_and_bias_flag():
     torch.manual_seed(0)
     attn = CausalSelfAttention(16, 2, block_size=8, dropout=0.5, bias=False)
     assert attn.c_attn.bias is None and attn.c_proj.bias is None
+    assert type(attn.c_attn) is nn.Linear and type(attn.c_proj) is nn.Linear
     x = torch.randn(2, 8, 16)
     attn.eval()
     torch.testing.assert_close(attn(x), attn(x))

@@ -6,13 +6,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minigpt import GPT, GPTConfig
 from minigpt.generate import (
-    _RowBlockLinear,
+    SamplingConfig,
     _TextDecoder,
     apply_repetition_penalty,
     generate,
@@ -365,52 +364,6 @@ def test_last_only_logits():
         model(idx, idx, last_only=True)
 
 
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize(
-    "shape", [(4096, 192), (4099, 130), (50, 64)], ids=["even", "ragged", "small"]
-)
-def test_row_block_linear_equals_f_linear(shape, bias):
-    """Decoding one sequence runs big single-row linears as a batched matmul."""
-    gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(shape, generator=gen)
-    b = torch.randn(shape[0], generator=gen) if bias else None
-    x = torch.randn(1, 1, shape[1], generator=gen)
-    mode = _RowBlockLinear(blocks=8, min_size=1000)
-    with torch.inference_mode():
-        expected = F.linear(x, weight, b)
-        with mode:
-            got = F.linear(x, weight, b)
-            got_module = torch.nn.functional.linear(x[0], weight, bias=b)
-            two_rows = F.linear(x.expand(2, 1, -1), weight, b)  # passes through
-    assert got.shape == expected.shape == (1, 1, shape[0])
-    torch.testing.assert_close(got, expected)
-    torch.testing.assert_close(got_module, expected[0])
-    torch.testing.assert_close(two_rows, expected.expand(2, 1, -1))
-
-
-def test_generation_leaves_no_torch_function_mode_active(monkeypatch):
-    """The fast path is switched on around each model call, never across a yield."""
-    from torch.overrides import _get_current_function_mode_stack
-
-    calls = []
-    fast = _RowBlockLinear._linear
-    monkeypatch.setattr(
-        _RowBlockLinear, "_linear", lambda self, *a: calls.append(1) or fast(self, *a)
-    )
-    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=1024, vocab_size=600, block_size=64))
-    torch.set_num_threads(2)  # the fast path needs a second thread
-    try:
-        for _ in stream(model, [1, 2, 3], 5, temperature=0):
-            assert _get_current_function_mode_stack() == []
-        assert torch.equal(
-            generate(model, torch.tensor([[1, 2, 3]]), 5, temperature=0),
-            generate(model, torch.tensor([[1, 2, 3]]), 5, temperature=0, use_cache=False),
-        )
-    finally:
-        torch.set_num_threads(1)
-    assert len(calls) == 2 * 5 * 4  # 2 runs x 5 linears (4 in the block, the head) x 4 steps
-
-
 def test_hidden_states_feed_the_head():
     model = small_model()
     idx = prompt()
@@ -559,3 +512,67 @@ def test_temperature_is_not_nan_sensitive():
     tok = sample_next_token(logits, temperature=1e-6, generator=torch.Generator().manual_seed(0))
     assert tok.item() == 0
     assert math.isfinite(torch.softmax(logits / 1e-6, -1).sum().item())
+
+
+# ---------------------------------------------------------------- sampling settings
+
+
+def test_sampling_config_is_validated_once_and_frozen():
+    config = SamplingConfig(temperature=0.7, top_k=5, stop_tokens=3, seed=1)
+    assert config.stop_tokens == (3,)
+    assert SamplingConfig(stop_tokens=[4, 5]).stop_tokens == (4, 5)
+    assert SamplingConfig(stop_tokens=None).stop_tokens == ()
+    with pytest.raises(AttributeError):
+        config.temperature = 1.0  # type: ignore[misc]
+    for bad, error, words in [
+        ({"temperature": -1}, ValueError, "temperature"),
+        ({"top_k": 0}, ValueError, "top_k"),
+        ({"top_p": 1.5}, ValueError, "top_p"),
+        ({"repetition_penalty": 0}, ValueError, "repetition_penalty"),
+        ({"stop_tokens": "\n"}, TypeError, "encode a stop string"),
+        ({"stop_tokens": [1, -2]}, ValueError, "stop_tokens"),
+        ({"seed": 1.5}, TypeError, "seed"),
+    ]:
+        with pytest.raises(error, match=words):
+            SamplingConfig(**bad)
+
+
+def test_a_sampling_config_equals_the_same_keywords():
+    model, idx = small_model(), prompt()
+    settings = dict(temperature=0.9, top_k=8, top_p=0.95, repetition_penalty=1.3, seed=4)
+    config = SamplingConfig(**settings)
+    expected = generate(model, idx, 10, **settings)
+    assert torch.equal(generate(model, idx, 10, config), expected)
+    assert torch.equal(generate(model, idx, 10, sampling=config), expected)
+    # keywords override the config's fields
+    assert torch.equal(generate(model, idx, 10, SamplingConfig(seed=9), **{**settings}), expected)
+    ids = list(stream(model, idx[:1], 10, config))
+    assert ids == generate(model, idx[:1], 10, **settings)[0, 5:].tolist()
+
+
+def test_unknown_or_misplaced_settings_are_refused_clearly():
+    model, idx = small_model(), prompt()
+    with pytest.raises(
+        TypeError,
+        match=r"unknown sampling setting\(s\) \['temprature'\]; did you mean 'temperature'",
+    ):
+        generate(model, idx, 3, temprature=0.5)
+    with pytest.raises(TypeError, match="unknown sampling setting"):
+        stream(model, [1, 2], 3, topk=5)
+    with pytest.raises(TypeError, match="pass sampling settings by name"):
+        generate(model, idx, 3, 0.8)  # a temperature where the SamplingConfig goes
+
+
+def test_generation_checks_the_prompt_once_not_at_every_step(monkeypatch):
+    model, idx = small_model(), prompt()
+    checks = []
+    real = GPT._check_ids
+    monkeypatch.setattr(GPT, "_check_ids", lambda self, *a: checks.append(1) or real(self, *a))
+    reads = []
+    real_aminmax = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda *a, **k: reads.append(1) or real_aminmax(*a, **k))
+    for use_cache in (True, False):
+        generate(model, idx, 6, temperature=0, use_cache=use_cache)
+        list(stream(model, idx[:1], 6, temperature=0, use_cache=use_cache))
+    assert checks == []  # the model's own forward checks are not repeated per step
+    assert len(reads) == 4  # one range check of the prompt per call

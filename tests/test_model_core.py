@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from minigpt import GPT, GPTConfig
+from minigpt.attention import CausalSelfAttention
 from minigpt.checkpoint import CheckpointError
 
 VARIANTS = [
@@ -131,3 +133,61 @@ def test_bad_inputs_give_clear_errors():
         model(torch.full((1, 5), 30))
     with pytest.raises(ValueError, match="unknown GPTConfig keys"):
         GPTConfig.from_dict({"n_layers": 2})
+
+
+@pytest.mark.parametrize(
+    "preset", ["gpt2", "gpt2-medium", "tiny", "cpu-small", "llama-tiny", "llama-small"]
+)
+def test_every_linear_layer_is_a_plain_nn_linear(preset):
+    """A reader who prints the model sees nn.Linear: no machine-specific layer types."""
+    with torch.device("meta"):  # the shapes without the memory or the init time
+        model = GPT(GPTConfig.preset(preset))
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 4 * model.config.n_layer + 1  # c_attn, c_proj, c_fc, c_proj; head
+    assert all(type(m) is nn.Linear for m in linears)
+
+
+def test_attention_built_from_the_config_equals_the_checked_constructor():
+    config = GPTConfig.preset("llama-tiny")
+    torch.manual_seed(0)
+    block_attn = GPT(config).h[0].attn
+    torch.manual_seed(0)
+    direct = CausalSelfAttention(
+        config.n_embd, config.n_head, config.n_kv_head, config.block_size, bias=config.bias
+    )
+    assert type(block_attn) is CausalSelfAttention
+    assert block_attn.state_dict().keys() == direct.state_dict().keys()
+    for name in ("n_embd", "n_head", "n_kv_head", "head_dim", "block_size", "dropout"):
+        assert getattr(block_attn, name) == getattr(direct, name)
+    assert block_attn.rope is not None  # the model's shared rotary table
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+def test_forward_and_backward_never_read_values_off_the_cpu(preset):
+    """On a device other than the CPU the model reads no tensor's values on the host
+    (that would wait for a GPU at every step): a 'meta' tensor has no values at all,
+    so any .item(), int() or bool() of one raises."""
+    with torch.device("meta"):
+        model = GPT(GPTConfig.preset(preset, vocab_size=50))
+        idx = torch.zeros(2, 16, dtype=torch.long)
+    logits, loss = model(idx, idx)
+    loss.backward()
+    assert logits.shape == (2, 16, 50) and logits.device.type == "meta"
+    cache = model.new_kv_cache(2)
+    model(idx[:, :8], kv_cache=cache)
+    assert model(idx[:, 8:9], kv_cache=cache, last_only=True)[0].shape == (2, 1, 50)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_training_step_on_the_gpu_does_not_sync():
+    model = GPT(GPTConfig.preset("tiny", vocab_size=50)).cuda()
+    idx = torch.randint(0, 50, (2, 16), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _, loss = model(idx, idx)
+        loss.backward()
+        cache = model.new_kv_cache(2)
+        model(idx, kv_cache=cache, last_only=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
