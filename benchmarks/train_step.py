@@ -17,8 +17,8 @@ CPU" one and its default one), hence the default vocabulary of 65 characters;
 dominates the small size.
 
 Both models are plain ``nn.Linear`` layers computed by PyTorch's BLAS; the header
-line names the CPU's instruction set (``minigpt.cpu`` says which CPU-specific
-paths were measured and why none is kept).
+line names the CPU's instruction set (the README's benchmark notes say which
+CPU-specific paths were measured and why none is kept).
 
 On a machine whose cores are shared with other busy processes, PyTorch's worker
 threads wait on each other at every operation and both models slow down many times

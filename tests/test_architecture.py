@@ -27,7 +27,6 @@ LAYERS = [
     "lora",
     "optim",
     "distributed",
-    "cpu",
     "train",
     "pretrained",
     "generate",
