@@ -32,9 +32,9 @@ import time
 
 import torch
 
-from minigpt.data import TokenDataset
 from minigpt.model import GPT, GPTConfig
 from minigpt.pretrained import SHAKESPEARE_CHAR, shakespeare_char_data, shakespeare_char_history
+from minigpt.tokens import TokenDataset
 from minigpt.train import TrainConfig, Trainer, validation_loss
 
 # minigpt's recipe is the course's one Shakespeare recipe (minigpt.pretrained), trained

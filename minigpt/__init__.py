@@ -10,7 +10,7 @@ used names are importable from the top level::
 from minigpt.attention import CausalSelfAttention, KVCache, scaled_dot_product_attention
 from minigpt.checkpoint import CheckpointError
 from minigpt.classify import GenerativeClassifier, GPTClassifier
-from minigpt.data import DataError, TokenDataset, load_text, train_val_split
+from minigpt.data import DataError, load_text, train_val_split
 from minigpt.embeddings import (
     LearnedPositionalEmbedding,
     RotaryEmbedding,
@@ -22,6 +22,7 @@ from minigpt.instruct import InstructionCollator
 from minigpt.lora import LoRALinear, apply_lora, merge_lora
 from minigpt.model import GPT, GPTConfig
 from minigpt.tokenizer import GPT2_PATTERN, BPETokenizer, CharTokenizer
+from minigpt.tokens import TokenDataset
 from minigpt.train import LossHistory, TrainConfig, Trainer, TrainingDivergedError
 
 __version__ = "0.1.0"

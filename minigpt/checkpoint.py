@@ -1,217 +1,57 @@
-"""Checkpoints: safe files for weights and metadata, and the folders a run saves.
+"""Checkpoint folders: what a training run saves, and how it survives a crash.
 
-Files. Nothing here unpickles: a checkpoint cannot run code when it is loaded.
-Every write goes to a temporary file in the same folder, is flushed to disk, then
-renamed over the destination, so a crash or Ctrl-C mid-write leaves either the
-old file or the new one, never half of one. Reading a missing, truncated or
-corrupt file raises ``CheckpointError`` naming the file.
+A checkpoint is a folder: ``model.safetensors`` + ``config.json`` (as ``GPT.save``
+writes them), ``optimizer.safetensors`` (AdamW's moments), ``trainer.json`` (the
+training config, step, loss history, RNG states), the tokenizer when there is one,
+and ``manifest.json`` (``minigpt.files``): each file's size and SHA-256, so a
+flipped bit is caught on load with an error naming the file.
 
-Folders. A checkpoint is a folder: ``model.safetensors`` + ``config.json`` (as
-``GPT.save`` writes them), ``optimizer.safetensors`` (AdamW's moments),
-``trainer.json`` (the training config, step, loss history, RNG states), the
-tokenizer when there is one, and ``manifest.json``: each file's size and SHA-256,
-so a flipped bit is caught on load with an error naming the file.
 ``write_checkpoint_folder`` fills a temporary folder and swaps it in by two
 renames; ``recover_checkpoint`` finishes a swap that a kill interrupted, so some
 complete checkpoint survives a crash at any instant. ``RunLock`` stops two runs
-from writing one folder, and ``clean_stale_temporaries`` removes what killed runs
-left behind.
+from writing one folder, ``check_writable`` finds a bad output folder before the
+first step, and ``clean_stale_temporaries`` removes what killed runs left behind.
 """
 
 from __future__ import annotations
 
 import base64
-import dataclasses
-import hashlib
-import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-T = TypeVar("T")
+from minigpt.files import (
+    CheckpointError,
+    check_float_tensors,
+    load_json,
+    load_tensors,
+    save_tensors,
+    verify_files,
+    write_manifest,
+)
 
 __all__ = [
-    "MANIFEST",
+    "TRAINER_FORMAT",
+    "TRAINER_VERSION",
     "CheckpointError",
     "RunLock",
-    "atomic_write",
-    "check_float_tensors",
     "check_writable",
     "clean_stale_temporaries",
-    "config_from_dict",
     "find_checkpoint",
     "latest_checkpoint",
-    "load_json",
     "load_optimizer",
-    "load_tensors",
     "read_trainer_state",
     "recover_checkpoint",
     "rng_state",
-    "save_json",
     "save_optimizer",
-    "save_tensors",
     "set_rng_state",
-    "sha256_file",
-    "verify_files",
     "write_checkpoint_folder",
-    "write_manifest",
 ]
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, truncated, corrupt or does not fit the model."""
-
-
-def config_from_dict(cls: type[T], d: dict[str, Any]) -> T:
-    """Build the dataclass ``cls`` from ``d``, rejecting unknown keys (a typo in a
-    config file should fail loudly, not be ignored)."""
-    if not isinstance(d, dict):
-        raise ValueError(f"a {cls.__name__} must be a JSON object, got {type(d).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {unknown}; known keys: {sorted(known)}")
-    return cls(**d)
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` then atomically rename ``tmp_path`` to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:  # make sure the bytes are on disk before the rename
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
-
-
-def save_tensors(
-    tensors: dict[str, torch.Tensor],
-    path: str | os.PathLike[str],
-    metadata: dict[str, str] | None = None,
-) -> Path:
-    """Write a dict of tensors as safetensors, atomically. Tensors are made contiguous."""
-    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    return atomic_write(path, lambda tmp: save_file(flat, str(tmp), metadata=metadata))
-
-
-def load_tensors(
-    path: str | os.PathLike[str], device: str | torch.device = "cpu"
-) -> dict[str, torch.Tensor]:
-    """Read a safetensors file; a missing or corrupt file raises ``CheckpointError``."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
-    try:
-        return load_file(str(path), device=str(device))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(
-            f"{path} is not a valid safetensors file (truncated or corrupt?): {e}"
-        ) from e
-
-
-def save_json(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """Write ``obj`` as indented JSON, atomically."""
-    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def load_json(path: str | os.PathLike[str]) -> Any:
-    """Read JSON; a missing or malformed file raises ``CheckpointError``."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON (truncated or corrupt?): {e}") from e
-
-
-# --------------------------------------------------------------------------- manifests
-
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "minigpt-manifest"
-
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """The SHA-256 of a file's bytes, as hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_manifest(directory: str | os.PathLike[str]) -> Path:
-    """Record the size and SHA-256 of every file in ``directory`` in ``manifest.json``.
-
-    Written last into a checkpoint folder: ``verify_files`` then catches a file that
-    was truncated, replaced or had a bit flipped after it was saved.
-    """
-    directory = Path(directory)
-    files = {
-        p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
-        for p in sorted(directory.iterdir())
-        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
-    }
-    return save_json(
-        {"format": MANIFEST_FORMAT, "version": 1, "files": files}, directory / MANIFEST
-    )
-
-
-def verify_files(directory: str | os.PathLike[str], names: Iterable[str]) -> None:
-    """Check the files ``names`` of ``directory`` against its manifest.
-
-    A folder without ``manifest.json`` (written by minigpt before manifests existed)
-    is not checked. Raises ``CheckpointError`` naming the first file that is missing
-    from the manifest or differs from it in size or SHA-256.
-    """
-    directory = Path(directory)
-    file = directory / MANIFEST
-    if not file.is_file():
-        return
-    manifest = load_json(file)
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise CheckpointError(f"{file} is not a minigpt manifest (format {MANIFEST_FORMAT!r})")
-    listed = manifest.get("files", {})
-    for name in names:
-        path = directory / name
-        entry = listed.get(name)
-        if entry is None:
-            raise CheckpointError(
-                f"{path} is not listed in {file}: the folder was changed after it was saved"
-            )
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint file not found: {path}")
-        size = path.stat().st_size
-        if size != entry.get("size") or sha256_file(path) != entry.get("sha256"):
-            raise CheckpointError(
-                f"{path} does not match its checksum in {file} (expected {entry.get('size')} "
-                f"bytes, sha256 {str(entry.get('sha256'))[:12]}..., found {size} bytes): the file "
-                "is corrupt; use another checkpoint (best/ or last/) or retrain"
-            )
-
-
-def check_float_tensors(tensors: dict[str, torch.Tensor], source: str | os.PathLike[str]) -> None:
-    """Refuse tensors that are not floating point where weights or moments belong."""
-    bad = [f"{k}: {v.dtype}" for k, v in tensors.items() if not v.dtype.is_floating_point]
-    if bad:
-        raise CheckpointError(
-            f"{source} holds non-floating-point tensors where weights belong ({', '.join(bad[:3])}): "
-            "it was not written by minigpt, or it is corrupt"
-        )
 
 
 # --------------------------------------------------------------------------- checkpoint folders

@@ -277,7 +277,8 @@ def _check_device(device: str) -> None:
 
 def load_tokenizer(path: str | os.PathLike[str]) -> Any:
     """Load a tokenizer file saved by ``CharTokenizer.save`` or ``BPETokenizer.save``."""
-    from minigpt.checkpoint import CheckpointError, load_json
+    from minigpt.checkpoint import CheckpointError
+    from minigpt.files import load_json
     from minigpt.tokenizer import BPETokenizer, CharTokenizer
 
     fmt = load_json(path).get("format")
@@ -339,7 +340,8 @@ def _read_text(data: dict[str, Any]) -> str:
 def _datasets(data: dict[str, Any], tokenizer: Any, text: str, block_size: int, progress: bool):
     import hashlib
 
-    from minigpt.data import TokenDataset, cached_tokens, train_val_split
+    from minigpt.data import train_val_split
+    from minigpt.tokens import TokenDataset, cached_tokens
 
     if hasattr(tokenizer, "itos"):  # a char vocabulary: two texts' vocabularies differ
         key = "char-" + hashlib.sha256("\0".join(tokenizer.itos).encode()).hexdigest()[:12]
@@ -533,7 +535,8 @@ def _load_checkpoint(path: str, need_bytes: Callable[[Any], int] = lambda c: 0):
     NaN or infinite weights are refused."""
     import torch
 
-    from minigpt.checkpoint import CheckpointError, find_checkpoint, verify_files
+    from minigpt.checkpoint import CheckpointError, find_checkpoint
+    from minigpt.files import verify_files
     from minigpt.model import GPT, GPTConfig
 
     directory = find_checkpoint(path)

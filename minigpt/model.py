@@ -28,7 +28,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minigpt.attention import CausalSelfAttention, KVCache
-from minigpt.checkpoint import (
+from minigpt.embeddings import (
+    LearnedPositionalEmbedding,
+    RotaryEmbedding,
+    SinusoidalPositionalEncoding,
+)
+from minigpt.files import (
     CheckpointError,
     check_float_tensors,
     config_from_dict,
@@ -38,11 +43,6 @@ from minigpt.checkpoint import (
     save_tensors,
     verify_files,
     write_manifest,
-)
-from minigpt.embeddings import (
-    LearnedPositionalEmbedding,
-    RotaryEmbedding,
-    SinusoidalPositionalEncoding,
 )
 
 __all__ = ["GPT", "MLP", "PRESETS", "Block", "GPTConfig", "RMSNorm", "SwiGLU"]

@@ -26,10 +26,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from minigpt.checkpoint import CheckpointError, load_json, load_tensors, save_json
-from minigpt.data import TokenDataset, cache_dir, cached_tokens, load_text, train_val_split
+from minigpt.checkpoint import CheckpointError
+from minigpt.data import cache_dir, load_text, train_val_split
+from minigpt.files import load_json, load_tensors, save_json
 from minigpt.model import GPT, GPTConfig
 from minigpt.tokenizer import CharTokenizer
+from minigpt.tokens import TokenDataset, cached_tokens
 from minigpt.train import LossHistory, TrainConfig, Trainer, validation_loss
 
 __all__ = [

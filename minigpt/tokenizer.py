@@ -48,7 +48,7 @@ import regex
 if TYPE_CHECKING:  # pragma: no cover
     import tiktoken
 
-from minigpt.checkpoint import atomic_write
+from minigpt.files import atomic_write
 
 __all__ = [
     "GPT2_PATTERN",
@@ -776,7 +776,7 @@ def safe_cuts(
     pattern splits ``text[:p]`` and ``text[p:]`` into exactly the chunks it splits
     ``text`` into; only ``text[start:stop]`` is read (``stop`` defaults to ``len(text)``),
     so a stream can be cut before the rest of it has arrived. ``encode_iterable`` and
-    ``minigpt.data.encode_to_file`` cut only here.
+    ``minigpt.tokens.encode_to_file`` cut only here.
 
     Why these are safe: every chunk of ``GPT2_PATTERN`` is either all whitespace, or an
     optional space followed by non-whitespace (letters, digits, punctuation, or a

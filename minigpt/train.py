@@ -42,20 +42,15 @@ from minigpt.checkpoint import (
     RunLock,
     check_writable,
     clean_stale_temporaries,
-    config_from_dict,
     find_checkpoint,
     latest_checkpoint,
     load_optimizer,
-    load_tensors,
     read_trainer_state,
     rng_state,
-    save_json,
     save_optimizer,
     set_rng_state,
-    verify_files,
     write_checkpoint_folder,
 )
-from minigpt.data import TokenDataset
 from minigpt.distributed import (
     DTYPES,
     StopSignals,
@@ -65,8 +60,10 @@ from minigpt.distributed import (
     pick_dtype,
     setup_distributed,
 )
+from minigpt.files import config_from_dict, load_tensors, save_json, verify_files
 from minigpt.model import GPT, GPTConfig
 from minigpt.optim import OptimConfig, clip_grad_norm, configure_optimizer, set_lr
+from minigpt.tokens import TokenDataset
 
 __all__ = [
     "LossHistory",
@@ -322,7 +319,7 @@ class Trainer:
                 continue
             if not isinstance(data, TokenDataset):
                 raise TypeError(
-                    f"{name} must be a minigpt.data.TokenDataset, got {type(data).__name__}"
+                    f"{name} must be a minigpt.tokens.TokenDataset, got {type(data).__name__}"
                 )
             if data.block_size > model.config.block_size:
                 raise ValueError(

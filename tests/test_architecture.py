@@ -16,15 +16,17 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "minigpt"
 
-# Lowest first. checkpoint.py (safe files) sits under everything that saves or loads.
+# Lowest first: files.py (safe files) sits under everything that saves or loads.
 LAYERS = [
-    "checkpoint",
+    "files",
     "data",
     "tokenizer",
+    "tokens",
     "embeddings",
     "attention",
     "model",
     "lora",
+    "checkpoint",
     "optim",
     "distributed",
     "train",

@@ -99,7 +99,7 @@ def test_corrupt_checkpoint_names_the_file(tmp_path):
 def test_checkpoint_of_another_shape_is_rejected(tmp_path):
     GPT(GPTConfig.preset("tiny", vocab_size=40)).save(tmp_path)
     other = GPT(GPTConfig.preset("tiny", vocab_size=41))
-    from minigpt.checkpoint import load_tensors
+    from minigpt.files import load_tensors
 
     with pytest.raises(CheckpointError, match="wrong shape"):
         other.load_weights(load_tensors(tmp_path / "model.safetensors"))

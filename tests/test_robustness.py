@@ -208,7 +208,8 @@ def test_a_kill_at_any_point_of_a_save_loses_no_completed_step(tmp_path, monkeyp
     completed save is always found, loads with matching checksums, and resumes."""
     import tempfile
 
-    from minigpt.checkpoint import latest_checkpoint, read_trainer_state, verify_files
+    from minigpt.checkpoint import latest_checkpoint, read_trainer_state
+    from minigpt.files import verify_files
     from minigpt.model import GPT
     from minigpt.train import Trainer
 
@@ -308,7 +309,8 @@ def test_a_flipped_bit_in_the_weights_is_caught_on_load(run):
 def test_an_integer_tensor_in_the_weights_is_refused(run):
     from safetensors.torch import load_file, save_file
 
-    from minigpt.checkpoint import CheckpointError, write_manifest
+    from minigpt.checkpoint import CheckpointError
+    from minigpt.files import write_manifest
     from minigpt.model import GPT
 
     _, folder = run
@@ -324,7 +326,7 @@ def test_an_integer_tensor_in_the_weights_is_refused(run):
 
 
 def test_a_resumed_optimizer_has_the_same_param_groups(run):
-    from minigpt.data import TokenDataset
+    from minigpt.tokens import TokenDataset
     from minigpt.train import Trainer
 
     _, folder = run
@@ -414,14 +416,14 @@ def test_a_full_disk_is_found_before_training(tmp_path, monkeypatch):
 
 
 def test_a_disk_that_fills_up_during_training_is_a_one_line_error(run, monkeypatch):
-    import minigpt.checkpoint as ckpt
+    import minigpt.files as files
 
     cfg, folder = run
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "model.safetensors")
 
-    monkeypatch.setattr(ckpt, "save_file", full)
+    monkeypatch.setattr(files, "save_file", full)
     status, _, err = _cli("train", str(cfg), "--resume", "--train.max_steps=4")
     _one_line_error(status, err, "No space left on device")
     assert _step(folder) == 2  # the last good checkpoint is still there
@@ -512,7 +514,7 @@ def test_an_absurd_config_json_is_refused_before_allocating(run):
 def test_nan_weights_are_refused_by_sample_and_eval(run):
     from safetensors.torch import load_file, save_file
 
-    from minigpt.checkpoint import write_manifest
+    from minigpt.files import write_manifest
 
     _, folder = run
     weights = folder / "last" / "model.safetensors"

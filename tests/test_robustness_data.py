@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from minigpt import data
+from minigpt import data, tokens
 
 try:
     import fcntl
@@ -330,10 +330,10 @@ def test_a_download_in_progress_survives_a_cleanup(server, cache, monkeypatch):
 
 
 def test_stale_token_temp_files_are_removed(tmp_path):
-    tokens = tmp_path / "tokens"
-    stale = _leftover(tokens, ".char-0123456789abcdef.npy.k2j_x9qa.tmp")
-    fresh = _leftover(tokens, ".char-0123456789abcdef.npy.zz99zz99.tmp", age=5)
-    ids = data.cached_tokens(
+    folder = tmp_path / "tokens"
+    stale = _leftover(folder, ".char-0123456789abcdef.npy.k2j_x9qa.tmp")
+    fresh = _leftover(folder, ".char-0123456789abcdef.npy.zz99zz99.tmp", age=5)
+    ids = tokens.cached_tokens(
         "abcabc",
         lambda s: [ord(c) - 97 for c in s],
         vocab_size=3,
@@ -361,7 +361,7 @@ def test_load_text_with_the_wrong_encoding(shared, monkeypatch):
 def test_empty_token_file(tmp_path):
     (tmp_path / "e.npy").write_bytes(b"")
     with pytest.raises(data.DataError) as err:
-        data.load_tokens(tmp_path / "e.npy")
+        tokens.load_tokens(tmp_path / "e.npy")
     assert str(tmp_path / "e.npy") in _one_line(err)
 
 
@@ -369,13 +369,13 @@ def test_damaged_token_cache_is_encoded_again(tmp_path):
     def encode(s):
         return [ord(c) - 97 for c in s]
 
-    ids = data.cached_tokens(
+    ids = tokens.cached_tokens(
         "abcabc", encode, vocab_size=3, key="t", directory=tmp_path, progress=False
     ).tolist()  # a list: the memory map would see the truncation below
     (file,) = (tmp_path / "tokens").glob("*.npy")
     file.write_bytes(file.read_bytes()[:-4])  # truncated by a full disk, say
     with pytest.warns(UserWarning, match="encoding the text again"):
-        again = data.cached_tokens(
+        again = tokens.cached_tokens(
             "abcabc", encode, vocab_size=3, key="t", directory=tmp_path, progress=False
         )
     assert again.tolist() == ids == [0, 1, 2, 0, 1, 2]
@@ -384,7 +384,7 @@ def test_damaged_token_cache_is_encoded_again(tmp_path):
 def test_token_cache_that_cannot_be_written(tmp_path):
     (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(data.DataError) as err:
-        data.cached_tokens(
+        tokens.cached_tokens(
             "abc",
             lambda s: [0, 1, 2],
             vocab_size=3,

@@ -18,7 +18,6 @@ import regex
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minigpt.data import encode_to_file
 from minigpt.tokenizer import (
     GPT2_PATTERN,
     TIKTOKEN_GPT2_PATTERN,
@@ -27,6 +26,7 @@ from minigpt.tokenizer import (
     safe_cuts,
     tiktoken_gpt2_reference,
 )
+from minigpt.tokens import encode_to_file
 
 EOT = "<|endoftext|>"
 

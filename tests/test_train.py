@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from minigpt.checkpoint import CheckpointError
-from minigpt.data import TokenDataset, cached_tokens, encode_to_file, load_tokens, train_val_split
+from minigpt.data import train_val_split
 from minigpt.model import GPT, GPTConfig
 from minigpt.optim import adamw_update, clip_grad_norm, configure_optimizer, lr_at
+from minigpt.tokens import TokenDataset, cached_tokens, encode_to_file, load_tokens
 from minigpt.train import TrainConfig, Trainer, TrainingDivergedError, train
 
 REPO = Path(__file__).resolve().parents[1]
