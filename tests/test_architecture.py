@@ -29,6 +29,7 @@ LAYERS = [
     "distributed",
     "train",
     "pretrained",
+    "sampling",
     "generate",
     "classify",
     "instruct",
