@@ -17,10 +17,11 @@ from minigpt.embeddings import (
     SinusoidalPositionalEncoding,
 )
 from minigpt.finetune import FinetuneConfig
-from minigpt.generate import generate, generate_text, sample_next_token, stream
+from minigpt.generate import generate, generate_text, stream
 from minigpt.instruct import InstructionCollator
 from minigpt.lora import LoRALinear, apply_lora, merge_lora
 from minigpt.model import GPT, GPTConfig
+from minigpt.sampling import sample_next_token
 from minigpt.tokenizer import GPT2_PATTERN, BPETokenizer, CharTokenizer
 from minigpt.tokens import TokenDataset
 from minigpt.train import LossHistory, TrainConfig, Trainer, TrainingDivergedError

@@ -1,25 +1,20 @@
-"""Sampling and generation: turn next-token logits into text, one token at a time.
+"""Generation: the decoding loop that turns a model into text, one token at a time.
 
 A language model only scores the next token. Generation is a loop around it:
-run the model, pick a token from its last-position logits, append it, repeat.
+run the model, pick a token from its last-position logits (``minigpt.sampling``),
+append it, repeat.
 
-- ``sample_next_token`` picks one token from logits: greedy (temperature 0) or a
-  random draw after temperature scaling, ``top_k_filter`` and ``top_p_filter``.
-- ``apply_repetition_penalty`` makes tokens already in the sequence less likely.
-- ``SamplingConfig`` holds the settings of one way of sampling (temperature,
-  top-k, top-p, repetition penalty, stop tokens, seed), validated once.
 - ``generate`` runs the loop for a batch of prompts, with a KV cache by default so
   that each step processes only the newest token.
 - ``stream`` yields the new tokens (or text pieces) as they are produced, and
   ``generate_text`` goes from a prompt string to the generated string.
+- ``Tokenizer`` is what the text functions need from a tokenizer; the text decoder
+  turns a stream of ids into complete characters, even when one character's
+  bytes span several tokens.
 
 All three take a ``SamplingConfig`` or its fields as keywords:
 ``generate(model, idx, 50, temperature=0.8, top_k=20)`` is
 ``generate(model, idx, 50, SamplingConfig(temperature=0.8, top_k=20))``.
-
-Order of operations at each step (the same as Hugging Face ``transformers``):
-repetition penalty on the raw logits, then temperature, then top-k, then top-p,
-then softmax and a draw.
 
 Past the context length the model sees the last ``block_size`` tokens (a sliding
 window). Every token in the window then sits at a new position and the deeper
@@ -32,29 +27,20 @@ costs, only once the sequence is longer than ``block_size``.
 from __future__ import annotations
 
 import codecs
-import dataclasses
-import difflib
-import math
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from minigpt.model import GPT
+from minigpt.sampling import SamplingConfig, sampling_config
 
 __all__ = [
-    "SamplingConfig",
     "Tokenizer",
-    "apply_repetition_penalty",
     "generate",
     "generate_text",
-    "sample_next_token",
     "stream",
-    "top_k_filter",
-    "top_p_filter",
 ]
 
 
@@ -68,249 +54,6 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
-
-
-# ---------------------------------------------------------------- validation
-
-
-def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
-    if not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(
-            f"temperature must be a finite number >= 0 (0 = greedy, 1 = the model's "
-            f"distribution), got {temperature}"
-        )
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and (
-        isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1
-    ):
-        raise ValueError(f"top_p must be in (0, 1] (1 keeps every token) or None, got {top_p!r}")
-
-
-def _check_penalty(penalty: float | None) -> None:
-    if penalty is None:
-        return
-    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not penalty > 0:
-        raise ValueError(f"repetition_penalty must be a number > 0 (1 = off), got {penalty!r}")
-
-
-def _check_logits(logits: Tensor) -> None:
-    if not isinstance(logits, Tensor) or not logits.is_floating_point():
-        got = logits.dtype if isinstance(logits, Tensor) else type(logits).__name__
-        raise TypeError(f"logits must be a floating-point tensor (..., V), got {got}")
-    if logits.dim() < 1 or logits.shape[-1] < 1:
-        raise ValueError(f"logits must have shape (..., V) with V >= 1, got {tuple(logits.shape)}")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """How ``generate``, ``stream`` and ``generate_text`` pick each next token.
-
-    Validated once, when it is made; the functions take it as ``sampling=`` or its
-    fields as keywords (``temperature=0.8, top_k=20``).
-
-    Attributes:
-        temperature: >= 0; 0 is greedy decoding (the argmax), 1 the model's
-            distribution, < 1 sharper, > 1 flatter (see ``sample_next_token``).
-        top_k: keep only the k likeliest tokens (None = all).
-        top_p: keep the smallest set of likeliest tokens with mass >= top_p, in (0, 1]
-            (None = all).
-        repetition_penalty: > 0; > 1 discourages tokens already in the sequence,
-            1 or None changes nothing.
-        stop_tokens: token ids that end a row (kept in the output; a finished row
-            repeats its stop token while the others go on). An int or any iterable
-            of ints is accepted and stored as a tuple.
-        seed: seeds a private ``torch.Generator``, so the draws do not depend on
-            (or change) the global random state; None uses the global state.
-    """
-
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float | None = None
-    stop_tokens: tuple[int, ...] = ()
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        _check_sampling(self.temperature, self.top_k, self.top_p)
-        _check_penalty(self.repetition_penalty)
-        stops = self.stop_tokens
-        if stops is None:
-            stops = ()
-        elif _is_int(stops):
-            stops = (stops,)
-        elif isinstance(stops, (str, bytes)) or not isinstance(stops, Iterable):
-            raise TypeError(
-                f"stop_tokens must be a token id or a list of token ids, got {stops!r}; "
-                "encode a stop string with the tokenizer first"
-            )
-        stops = tuple(stops)
-        for t in stops:
-            if not _is_int(t) or t < 0:
-                raise ValueError(f"stop_tokens must be token ids (ints >= 0), got {t!r}")
-        object.__setattr__(self, "stop_tokens", stops)  # frozen: set once, here
-        if self.seed is not None and not _is_int(self.seed):
-            raise TypeError(f"seed must be an int or None, got {self.seed!r}")
-
-
-_SETTINGS = tuple(f.name for f in dataclasses.fields(SamplingConfig))
-
-
-def _sampling_config(sampling: SamplingConfig | None, settings: dict[str, Any]) -> SamplingConfig:
-    """The one ``SamplingConfig`` a call uses: ``sampling`` with ``settings`` on top."""
-    unknown = sorted(set(settings) - set(_SETTINGS))
-    if unknown:
-        hints = [difflib.get_close_matches(name, _SETTINGS, n=1) for name in unknown]
-        hint = "".join(f"; did you mean {h[0]!r} for {n!r}?" for n, h in zip(unknown, hints) if h)
-        raise TypeError(
-            f"unknown sampling setting(s) {unknown}{hint} (the settings are {_SETTINGS})"
-        )
-    if sampling is None:
-        return SamplingConfig(**settings)
-    if not isinstance(sampling, SamplingConfig):
-        raise TypeError(
-            f"sampling must be a SamplingConfig or None, got {sampling!r}; pass sampling "
-            "settings by name, e.g. generate(model, idx, 50, temperature=0.8)"
-        )
-    return dataclasses.replace(sampling, **settings) if settings else sampling
-
-
-# ---------------------------------------------------------------- one step
-
-
-def top_k_filter(logits: Tensor, k: int) -> Tensor:
-    """Keep the ``k`` largest logits of each row and set the rest to -inf.
-
-    Exactly ``k`` tokens survive (ties at the boundary are broken by ``torch.topk``);
-    ``k >= V`` keeps everything.
-
-    Args:
-        logits: (..., V).
-        k: how many tokens to keep, >= 1.
-    Returns:
-        (..., V), a new tensor.
-    """
-    _check_logits(logits)
-    _check_sampling(1.0, k, None)
-    return _top_k(logits, k)
-
-
-def _top_k(logits: Tensor, k: int) -> Tensor:
-    if k >= logits.shape[-1]:
-        return logits.clone()
-    values, indices = torch.topk(logits, k, dim=-1)  # (..., k)
-    return torch.full_like(logits, float("-inf")).scatter(-1, indices, values)
-
-
-def top_p_filter(logits: Tensor, p: float) -> Tensor:
-    """Nucleus filter: keep the smallest set of likeliest tokens whose probabilities
-    add up to at least ``p``; set the rest to -inf.
-
-    A token is dropped when the tokens ranked above it already have ``p`` of the
-    mass, so the likeliest token always survives and ``p = 1`` keeps everything.
-
-    Args:
-        logits: (..., V).
-        p: the probability mass to keep, in (0, 1].
-    Returns:
-        (..., V), a new tensor.
-    """
-    _check_logits(logits)
-    _check_sampling(1.0, None, p)
-    return _top_p(logits, p)
-
-
-def _top_p(logits: Tensor, p: float) -> Tensor:
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (..., V)
-    probs = sorted_logits.float().softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each one
-    sorted_logits = sorted_logits.masked_fill(mass_before >= p, float("-inf"))
-    return torch.empty_like(logits).scatter(-1, order, sorted_logits)
-
-
-def apply_repetition_penalty(logits: Tensor, ids: Tensor, penalty: float) -> Tensor:
-    """Make tokens that already occur in ``ids`` less likely (CTRL, Keskar et al. 2019).
-
-    A seen token's logit is divided by ``penalty`` when positive and multiplied by
-    it when negative, so ``penalty > 1`` always lowers it (and ``< 1`` raises it).
-    Each token counts once however often it occurred, as in ``transformers``.
-
-    Args:
-        logits: (B, V) next-token logits.
-        ids: (B, T) the tokens so far (prompt and generated).
-        penalty: > 0; 1 changes nothing.
-    Returns:
-        (B, V), a new tensor.
-    """
-    _check_logits(logits)
-    _check_penalty(penalty)
-    if logits.dim() != 2 or ids.dim() != 2 or ids.shape[0] != logits.shape[0]:
-        raise ValueError(
-            f"need logits (B, V) and ids (B, T) with the same B, got {tuple(logits.shape)} "
-            f"and {tuple(ids.shape)}"
-        )
-    return _penalize(logits, ids, penalty)
-
-
-def _penalize(logits: Tensor, ids: Tensor, penalty: float) -> Tensor:
-    seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, ids.long(), True)  # (B, V)
-    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
-    return torch.where(seen, penalized, logits)
-
-
-def sample_next_token(
-    logits: Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Pick the next token from logits. A pure function of its arguments.
-
-    ``temperature == 0`` is greedy decoding (the argmax; ``top_k`` and ``top_p``
-    cannot change it). Otherwise the logits are divided by ``temperature``
-    (< 1 sharpens the distribution, > 1 flattens it), filtered by ``top_k`` and
-    ``top_p``, and one token is drawn from their softmax.
-
-    Args:
-        logits: (..., V) unnormalised scores, typically (B, V).
-        temperature: >= 0.
-        top_k: keep only the k likeliest tokens (None = all).
-        top_p: keep the smallest set of likeliest tokens with mass >= top_p (None = all).
-        generator: a seeded ``torch.Generator`` for reproducible draws; None uses
-            PyTorch's global random state.
-    Returns:
-        (...) int64 token ids, one per row of ``logits``.
-    """
-    _check_logits(logits)
-    _check_sampling(temperature, top_k, top_p)
-    return _sample(logits, temperature, top_k, top_p, generator)
-
-
-def _sample(
-    logits: Tensor,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    generator: torch.Generator | None,
-) -> Tensor:
-    """``sample_next_token`` on arguments that were checked already."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        logits = _top_k(logits, top_k)
-    if top_p is not None:
-        logits = _top_p(logits, top_p)
-    probs = F.softmax(logits, dim=-1)  # (..., V)
-    flat = probs.reshape(-1, probs.shape[-1])  # multinomial wants 1-D or 2-D input
-    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
 
 
 # ---------------------------------------------------------------- the loop
@@ -370,7 +113,7 @@ def _decode(
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=idx.device).manual_seed(sampling.seed)
-    stop_tokens, penalty = sampling.stop_tokens, sampling.repetition_penalty
+    stop_tokens = sampling.stop_tokens
     if stop_tokens:
         stops = torch.tensor(stop_tokens, device=idx.device)
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
@@ -389,9 +132,7 @@ def _decode(
             new = seq[:, start + cache[0].length : n]  # the prompt, then one token a step
             logits = model.lm_head(model._hidden_states(new, cache, last_only=True))
         logits = logits[:, -1, :]  # (B, V)
-        if penalty is not None:
-            logits = _penalize(logits, seq[:, :n], penalty)
-        token = _sample(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)
+        token = sampling.next_token(logits, seq[:, :n], generator)
         if stop_tokens:
             token = torch.where(finished, pad, token)  # finished rows repeat their stop token
             just_stopped = torch.isin(token, stops) & ~finished
@@ -436,7 +177,7 @@ def generate(
         (B, T + n) int64 ids: the prompts followed by the n <= max_new_tokens new tokens.
         A row that stopped early repeats its stop token to the end.
     """
-    config = _sampling_config(sampling, settings)
+    config = sampling_config(sampling, settings)
     idx = _as_prompt(model, idx)
     _check_length(max_new_tokens)
     _check_stop_tokens(config, model.config.vocab_size)
@@ -508,7 +249,7 @@ def stream(
     The other arguments are those of ``generate``. Arguments are checked here, at
     the call; the model runs as the iterator is consumed.
     """
-    config = _sampling_config(sampling, settings)
+    config = sampling_config(sampling, settings)
     idx = _as_prompt(model, _prompt_ids(model, prompt, tokenizer))
     _check_length(max_new_tokens)
     _check_stop_tokens(config, model.config.vocab_size)
@@ -597,7 +338,7 @@ def generate_text(
     ``tokenizer.decode_bytes`` when the tokenizer has it (invalid UTF-8 becomes
     U+FFFD), else with ``decode``.
     """
-    config = _sampling_config(sampling, settings)
+    config = sampling_config(sampling, settings)
     idx = _prompt_ids(model, prompt, tokenizer)
     out = generate(model, idx, max_new_tokens, config, use_cache=use_cache)
     stops = set(config.stop_tokens)

@@ -31,6 +31,7 @@ LAYERS = [
     "distributed",
     "train",
     "pretrained",
+    "sampling",
     "generate",
     "classify",
     "instruct",
