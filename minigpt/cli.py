@@ -37,240 +37,20 @@ import math
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from minigpt.config import (
+    DEFAULT_CONFIG,
+    check_device,
+    check_memory,
+    check_training_memory,
+    check_types,
+    load_config,
+    num_parameters,
+)
+
 __all__ = ["build_tokenizer", "load_config", "load_tokenizer", "main"]
-
-# Without a config file: the course's Shakespeare recipe (minigpt.pretrained.SHAKESPEARE_CHAR,
-# filled in by default_config; configs/shakespeare_char.json spells it out).
-DEFAULT_CONFIG: dict[str, dict[str, Any]] = {
-    "train": {"out_dir": "runs/minigpt"},
-    "data": {"dataset": "tinyshakespeare", "tokenizer": "char", "val_fraction": 0.1},
-}
-
-
-def default_config() -> dict[str, dict[str, Any]]:
-    """The built-in config: the course recipe, written to ``runs/minigpt``."""
-    from minigpt.pretrained import SHAKESPEARE_CHAR
-
-    steps = SHAKESPEARE_CHAR["steps"]
-    return {
-        "model": dict(SHAKESPEARE_CHAR["model"]),
-        "train": {
-            **SHAKESPEARE_CHAR["train"],
-            "max_steps": steps,
-            "eval_interval": max(1, steps // 10),
-            **DEFAULT_CONFIG["train"],
-        },
-        "data": dict(DEFAULT_CONFIG["data"]),
-    }
-
-
-_DATA_KEYS = ("dataset", "text_file", "tokenizer", "val_fraction")
-
-
-# --------------------------------------------------------------------------- configuration
-
-
-def _section_keys() -> dict[str, set[str]]:
-    from minigpt.model import GPTConfig
-    from minigpt.train import TrainConfig
-
-    return {
-        "model": {f.name for f in fields(GPTConfig)} | {"preset"},
-        "train": {f.name for f in fields(TrainConfig)},
-        "data": set(_DATA_KEYS),
-    }
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def load_config(path: str | os.PathLike[str] | None, overrides: list[str] = ()) -> dict[str, dict]:
-    """Read a config file (JSON or TOML) over the defaults and apply ``--key=value`` overrides."""
-    config = default_config()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise SystemExit(f"config file not found: {path}")
-        try:
-            if path.suffix == ".toml":
-                import tomllib
-
-                loaded = tomllib.loads(path.read_text(encoding="utf-8"))
-            else:
-                loaded = json.loads(path.read_text(encoding="utf-8"))
-        except Exception as e:
-            raise SystemExit(f"{path} is not a valid config file: {e}") from e
-        if not isinstance(loaded, dict):
-            raise SystemExit(f"{path}: a config file is one JSON object with model, train and data")
-        unknown = sorted(set(loaded) - set(config))
-        if unknown:
-            raise SystemExit(f"{path}: unknown sections {unknown}; use model, train and data")
-        for section, values in loaded.items():
-            if not isinstance(values, dict):
-                raise SystemExit(
-                    f"{path}: the {section!r} section must be an object of key: value pairs, "
-                    f"got {type(values).__name__}"
-                )
-            if section == "model" and "preset" in values:
-                config["model"] = dict(values)  # a preset names a whole model: no defaults
-            else:
-                config[section].update(values)
-    keys = _section_keys()
-    for item in overrides:
-        if not item.startswith("--") or "=" not in item:
-            raise SystemExit(
-                f"overrides look like --key=value or --section.key=value, got {item!r}"
-            )
-        name, _, raw = item[2:].partition("=")
-        section, _, key = name.rpartition(".")
-        if not section:
-            owners = [s for s, known in keys.items() if key in known]
-            if len(owners) != 1:
-                where = f"in sections {owners}" if owners else "in no section"
-                raise SystemExit(f"--{key}: the key is {where}; write --section.{key}=...")
-            section = owners[0]
-        if section not in keys or key not in keys[section]:
-            raise SystemExit(
-                f"--{name}: unknown key; known {section} keys: {sorted(keys.get(section, []))}"
-            )
-        config[section][key] = _parse_value(raw)
-    return config
-
-
-def _kinds(annotation: str) -> tuple[set[str], bool]:
-    """The JSON kinds a dataclass field annotation allows (``"int | None"``), and None?"""
-    parts = {p.strip() for p in annotation.split("|")}
-    return parts - {"None"}, "None" in parts
-
-
-_WHAT = {
-    "int": "an integer",
-    "float": "a finite number",
-    "bool": "true or false",
-    "str": "a string",
-}
-
-
-def _check_value(name: str, value: Any, kinds: set[str], nullable: bool) -> None:
-    """Refuse a value of the wrong JSON type (or NaN/inf) before any dataclass sees it."""
-    if value is None and nullable:
-        return
-    ok = (
-        ("bool" in kinds and isinstance(value, bool))
-        or ("str" in kinds and isinstance(value, str))
-        or (not isinstance(value, bool) and "int" in kinds and isinstance(value, int))
-        or (
-            not isinstance(value, bool)
-            and "float" in kinds
-            and isinstance(value, (int, float))
-            and math.isfinite(value)
-        )
-    )
-    if not ok:
-        what = " or ".join([_WHAT[k] for k in sorted(kinds) if k in _WHAT] + ["null"] * nullable)
-        raise SystemExit(f"{name} must be {what}, got {json.dumps(value)}")
-
-
-def _check_types(config: dict[str, dict]) -> None:
-    """Check every value's type against the config dataclasses, naming the option."""
-    from minigpt.model import GPTConfig
-    from minigpt.train import TrainConfig
-
-    fields_of = {
-        "model": {f.name: _kinds(str(f.type)) for f in fields(GPTConfig)},
-        "train": {f.name: _kinds(str(f.type)) for f in fields(TrainConfig)},
-    }
-    fields_of["model"]["preset"] = ({"str"}, True)
-    fields_of["data"] = {
-        "dataset": ({"str"}, True),
-        "text_file": ({"str"}, True),
-        "tokenizer": ({"str"}, False),
-        "val_fraction": ({"float"}, False),
-    }
-    for section, known in fields_of.items():
-        for key, value in config[section].items():
-            if key in known:  # unknown keys are refused by the dataclasses, with the known ones
-                _check_value(f"{section}.{key}", value, *known[key])
-    for key in ("rope_base", "norm_eps"):
-        if key in config["model"] and config["model"][key] <= 0:
-            raise SystemExit(f"model.{key} must be a positive number, got {config['model'][key]}")
-    fraction = config["data"].get("val_fraction", 0.1)
-    if not 0 < fraction < 1:
-        raise SystemExit(f"data.val_fraction must be between 0 and 1 (e.g. 0.1), got {fraction}")
-
-
-# --------------------------------------------------------------------------- memory estimates
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:,.1f} GiB"
-
-
-def _memory_limit() -> int:
-    """This machine's physical memory (or its largest GPU's, when that is bigger)."""
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
-    import torch
-
-    gpu = max(
-        (
-            torch.cuda.get_device_properties(i).total_memory
-            for i in range(torch.cuda.device_count())
-        ),
-        default=0,
-    )
-    return max(ram, gpu) or 1 << 62
-
-
-def _num_parameters(c: Any) -> int:
-    """About how many parameters ``GPT(c)`` has, computed without building it."""
-    C, L = c.n_embd, c.n_layer
-    kv_dim = C // c.n_head * (c.n_kv_head or c.n_head)
-    attention = 2 * C * C + 2 * C * kv_dim
-    mlp = (3 if c.mlp == "swiglu" else 2) * C * c.hidden_dim
-    embeddings = c.vocab_size * C * (1 if c.tie_weights else 2)
-    positions = c.block_size * C if c.positions == "learned" else 0
-    return embeddings + positions + L * (attention + mlp + 4 * C)
-
-
-def _check_memory(need: int, what: str, fix: str) -> None:
-    """Refuse a resource bomb with an estimate instead of a failure in the allocator."""
-    limit = _memory_limit()
-    if need > limit:
-        raise SystemExit(
-            f"{what} would need about {_gib(need)} of memory; this machine has {_gib(limit)}: {fix}"
-        )
-
-
-def _check_training_memory(model: Any, train: Any) -> None:
-    params = _num_parameters(model)
-    # float32 weights, gradients and AdamW's two moments, plus the activations of a batch
-    activations = train.batch_size * model.block_size * (16 * model.n_layer * model.n_embd)
-    logits = 2 * train.batch_size * model.block_size * model.vocab_size
-    _check_memory(
-        16 * params + 4 * (activations + logits),
-        f"training a model of {params:,} parameters with batch_size {train.batch_size}",
-        "make the model (model.n_layer, n_embd, block_size) or train.batch_size smaller",
-    )
-
-
-def _check_device(device: str) -> None:
-    from minigpt.distributed import DistInfo, pick_device
-
-    # as this process's Trainer will pick it (under torchrun, "cuda" is cuda:LOCAL_RANK)
-    env = {k: int(os.environ.get(k.upper(), d)) for k, d in (("local_rank", 0), ("world_size", 1))}
-    try:
-        pick_device(device, DistInfo(**env))
-    except RuntimeError as e:
-        raise SystemExit(f"train.device={device}: {e}") from e
-
 
 # --------------------------------------------------------------------------- tokenizers and data
 
@@ -451,12 +231,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.resume and args.overwrite:
         raise SystemExit("--resume continues a run and --overwrite starts it again: pass one")
     config = load_config(args.config, args.overrides)
-    _check_types(config)
+    check_types(config)
     try:
         train_config = TrainConfig.from_dict(config["train"])
     except (TypeError, ValueError) as e:
         raise SystemExit(f"bad train config: {e}") from e
-    _check_device(train_config.device)
+    check_device(train_config.device)
     is_main = int(os.environ.get("RANK", "0")) == 0
     out = train_config.out_dir
     found = None
@@ -485,7 +265,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
     except (KeyError, TypeError, ValueError) as e:
         raise SystemExit(f"bad model config: {e.args[0] if e.args else e}") from e
-    _check_training_memory(gpt_config, train_config)
+    check_training_memory(gpt_config, train_config)
     if found is not None:
         _check_same_model(found, gpt_config)
     train_data, val_data = _datasets(
@@ -542,8 +322,8 @@ def _load_checkpoint(path: str, need_bytes: Callable[[Any], int] = lambda c: 0):
     directory = find_checkpoint(path)
     verify_files(directory, ["config.json"])
     config = GPTConfig.from_json(directory / "config.json")
-    params = _num_parameters(config)
-    _check_memory(
+    params = num_parameters(config)
+    check_memory(
         4 * params + need_bytes(config),
         f"the model in {directory / 'config.json'} ({params:,} parameters)",
         "is this config.json the one the run wrote?",

@@ -37,6 +37,7 @@ LAYERS = [
     "instruct",
     "finetune",
     "exercises",
+    "config",
     "cli",
 ]
 MAX_LINES = 520

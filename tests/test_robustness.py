@@ -99,7 +99,7 @@ def fuzz_cli(n: int, seed: int = 0, workdir: Path | None = None) -> dict[str, li
     import torch
 
     import minigpt.train as mt
-    from minigpt.cli import _section_keys
+    from minigpt.config import section_keys as _section_keys
 
     torch.set_num_threads(1)
     rng = random.Random(seed)

@@ -1,0 +1,262 @@
+"""Run configs for ``minigpt train``: files, overrides, checks, memory estimates.
+
+A config has three sections, ``model`` (``GPTConfig``, or a ``preset`` plus
+changes), ``train`` (``TrainConfig``) and ``data``; without a file it is the
+course's Shakespeare recipe (``default_config``). ``load_config`` reads a JSON or
+TOML file over the defaults and applies ``--section.key=value`` overrides;
+``check_types`` checks every value against its field's type (numbers finite, no
+booleans for integers) before anything is built, and ``check_training_memory``
+refuses a model or batch too big for this machine with an estimate of what it
+would need. Errors are ``SystemExit`` with a one-line message naming the option.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "check_device",
+    "check_memory",
+    "check_training_memory",
+    "check_types",
+    "default_config",
+    "gib",
+    "load_config",
+    "num_parameters",
+    "parse_value",
+    "section_keys",
+]
+
+# Without a config file: the course's Shakespeare recipe (minigpt.pretrained.SHAKESPEARE_CHAR,
+# filled in by default_config; configs/shakespeare_char.json spells it out).
+DEFAULT_CONFIG: dict[str, dict[str, Any]] = {
+    "train": {"out_dir": "runs/minigpt"},
+    "data": {"dataset": "tinyshakespeare", "tokenizer": "char", "val_fraction": 0.1},
+}
+
+
+def default_config() -> dict[str, dict[str, Any]]:
+    """The built-in config: the course recipe, written to ``runs/minigpt``."""
+    from minigpt.pretrained import SHAKESPEARE_CHAR
+
+    steps = SHAKESPEARE_CHAR["steps"]
+    return {
+        "model": dict(SHAKESPEARE_CHAR["model"]),
+        "train": {
+            **SHAKESPEARE_CHAR["train"],
+            "max_steps": steps,
+            "eval_interval": max(1, steps // 10),
+            **DEFAULT_CONFIG["train"],
+        },
+        "data": dict(DEFAULT_CONFIG["data"]),
+    }
+
+
+_DATA_KEYS = ("dataset", "text_file", "tokenizer", "val_fraction")
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def section_keys() -> dict[str, set[str]]:
+    from minigpt.model import GPTConfig
+    from minigpt.train import TrainConfig
+
+    return {
+        "model": {f.name for f in fields(GPTConfig)} | {"preset"},
+        "train": {f.name for f in fields(TrainConfig)},
+        "data": set(_DATA_KEYS),
+    }
+
+
+def parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: list[str] = ()) -> dict[str, dict]:
+    """Read a config file (JSON or TOML) over the defaults and apply ``--key=value`` overrides."""
+    config = default_config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise SystemExit(f"config file not found: {path}")
+        try:
+            if path.suffix == ".toml":
+                import tomllib
+
+                loaded = tomllib.loads(path.read_text(encoding="utf-8"))
+            else:
+                loaded = json.loads(path.read_text(encoding="utf-8"))
+        except Exception as e:
+            raise SystemExit(f"{path} is not a valid config file: {e}") from e
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"{path}: a config file is one JSON object with model, train and data")
+        unknown = sorted(set(loaded) - set(config))
+        if unknown:
+            raise SystemExit(f"{path}: unknown sections {unknown}; use model, train and data")
+        for section, values in loaded.items():
+            if not isinstance(values, dict):
+                raise SystemExit(
+                    f"{path}: the {section!r} section must be an object of key: value pairs, "
+                    f"got {type(values).__name__}"
+                )
+            if section == "model" and "preset" in values:
+                config["model"] = dict(values)  # a preset names a whole model: no defaults
+            else:
+                config[section].update(values)
+    keys = section_keys()
+    for item in overrides:
+        if not item.startswith("--") or "=" not in item:
+            raise SystemExit(
+                f"overrides look like --key=value or --section.key=value, got {item!r}"
+            )
+        name, _, raw = item[2:].partition("=")
+        section, _, key = name.rpartition(".")
+        if not section:
+            owners = [s for s, known in keys.items() if key in known]
+            if len(owners) != 1:
+                where = f"in sections {owners}" if owners else "in no section"
+                raise SystemExit(f"--{key}: the key is {where}; write --section.{key}=...")
+            section = owners[0]
+        if section not in keys or key not in keys[section]:
+            raise SystemExit(
+                f"--{name}: unknown key; known {section} keys: {sorted(keys.get(section, []))}"
+            )
+        config[section][key] = parse_value(raw)
+    return config
+
+
+def _kinds(annotation: str) -> tuple[set[str], bool]:
+    """The JSON kinds a dataclass field annotation allows (``"int | None"``), and None?"""
+    parts = {p.strip() for p in annotation.split("|")}
+    return parts - {"None"}, "None" in parts
+
+
+_WHAT = {
+    "int": "an integer",
+    "float": "a finite number",
+    "bool": "true or false",
+    "str": "a string",
+}
+
+
+def _check_value(name: str, value: Any, kinds: set[str], nullable: bool) -> None:
+    """Refuse a value of the wrong JSON type (or NaN/inf) before any dataclass sees it."""
+    if value is None and nullable:
+        return
+    ok = (
+        ("bool" in kinds and isinstance(value, bool))
+        or ("str" in kinds and isinstance(value, str))
+        or (not isinstance(value, bool) and "int" in kinds and isinstance(value, int))
+        or (
+            not isinstance(value, bool)
+            and "float" in kinds
+            and isinstance(value, (int, float))
+            and math.isfinite(value)
+        )
+    )
+    if not ok:
+        what = " or ".join([_WHAT[k] for k in sorted(kinds) if k in _WHAT] + ["null"] * nullable)
+        raise SystemExit(f"{name} must be {what}, got {json.dumps(value)}")
+
+
+def check_types(config: dict[str, dict]) -> None:
+    """Check every value's type against the config dataclasses, naming the option."""
+    from minigpt.model import GPTConfig
+    from minigpt.train import TrainConfig
+
+    fields_of = {
+        "model": {f.name: _kinds(str(f.type)) for f in fields(GPTConfig)},
+        "train": {f.name: _kinds(str(f.type)) for f in fields(TrainConfig)},
+    }
+    fields_of["model"]["preset"] = ({"str"}, True)
+    fields_of["data"] = {
+        "dataset": ({"str"}, True),
+        "text_file": ({"str"}, True),
+        "tokenizer": ({"str"}, False),
+        "val_fraction": ({"float"}, False),
+    }
+    for section, known in fields_of.items():
+        for key, value in config[section].items():
+            if key in known:  # unknown keys are refused by the dataclasses, with the known ones
+                _check_value(f"{section}.{key}", value, *known[key])
+    for key in ("rope_base", "norm_eps"):
+        if key in config["model"] and config["model"][key] <= 0:
+            raise SystemExit(f"model.{key} must be a positive number, got {config['model'][key]}")
+    fraction = config["data"].get("val_fraction", 0.1)
+    if not 0 < fraction < 1:
+        raise SystemExit(f"data.val_fraction must be between 0 and 1 (e.g. 0.1), got {fraction}")
+
+
+# --------------------------------------------------------------------------- memory estimates
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def _memory_limit() -> int:
+    """This machine's physical memory (or its largest GPU's, when that is bigger)."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    import torch
+
+    gpu = max(
+        (
+            torch.cuda.get_device_properties(i).total_memory
+            for i in range(torch.cuda.device_count())
+        ),
+        default=0,
+    )
+    return max(ram, gpu) or 1 << 62
+
+
+def num_parameters(c: Any) -> int:
+    """About how many parameters ``GPT(c)`` has, computed without building it."""
+    C, L = c.n_embd, c.n_layer
+    kv_dim = C // c.n_head * (c.n_kv_head or c.n_head)
+    attention = 2 * C * C + 2 * C * kv_dim
+    mlp = (3 if c.mlp == "swiglu" else 2) * C * c.hidden_dim
+    embeddings = c.vocab_size * C * (1 if c.tie_weights else 2)
+    positions = c.block_size * C if c.positions == "learned" else 0
+    return embeddings + positions + L * (attention + mlp + 4 * C)
+
+
+def check_memory(need: int, what: str, fix: str) -> None:
+    """Refuse a resource bomb with an estimate instead of a failure in the allocator."""
+    limit = _memory_limit()
+    if need > limit:
+        raise SystemExit(
+            f"{what} would need about {gib(need)} of memory; this machine has {gib(limit)}: {fix}"
+        )
+
+
+def check_training_memory(model: Any, train: Any) -> None:
+    params = num_parameters(model)
+    # float32 weights, gradients and AdamW's two moments, plus the activations of a batch
+    activations = train.batch_size * model.block_size * (16 * model.n_layer * model.n_embd)
+    logits = 2 * train.batch_size * model.block_size * model.vocab_size
+    check_memory(
+        16 * params + 4 * (activations + logits),
+        f"training a model of {params:,} parameters with batch_size {train.batch_size}",
+        "make the model (model.n_layer, n_embd, block_size) or train.batch_size smaller",
+    )
+
+
+def check_device(device: str) -> None:
+    from minigpt.distributed import DistInfo, pick_device
+
+    # as this process's Trainer will pick it (under torchrun, "cuda" is cuda:LOCAL_RANK)
+    env = {k: int(os.environ.get(k.upper(), d)) for k, d in (("local_rank", 0), ("world_size", 1))}
+    try:
+        pick_device(device, DistInfo(**env))
+    except RuntimeError as e:
+        raise SystemExit(f"train.device={device}: {e}") from e
