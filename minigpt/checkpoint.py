@@ -16,10 +16,11 @@ first step, and ``clean_stale_temporaries`` removes what killed runs left behind
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,12 @@ from minigpt.files import (
     check_float_tensors,
     load_json,
     load_tensors,
+    save_json,
     save_tensors,
     verify_files,
     write_manifest,
 )
+from minigpt.model import GPT, GPTConfig
 
 __all__ = [
     "TRAINER_FORMAT",
@@ -45,10 +48,13 @@ __all__ = [
     "find_checkpoint",
     "latest_checkpoint",
     "load_optimizer",
+    "load_training_state",
+    "open_run_folder",
     "read_trainer_state",
     "recover_checkpoint",
     "rng_state",
     "save_optimizer",
+    "save_training_state",
     "set_rng_state",
     "write_checkpoint_folder",
 ]
@@ -215,6 +221,20 @@ def check_writable(run_dir: str | os.PathLike[str]) -> None:
         ) from e
 
 
+@contextlib.contextmanager
+def open_run_folder(run_dir: str | os.PathLike[str]) -> Iterator[Path]:
+    """Hold ``run_dir``'s ``RunLock`` for a training run, after checking that checkpoints
+    can be written there, finishing any save a kill interrupted and removing its
+    temporary files: all before the first step."""
+    run_dir = Path(run_dir)
+    with RunLock(run_dir):
+        check_writable(run_dir)
+        for name in ("last", "best"):
+            latest_checkpoint(run_dir, name)  # renames a .NAME.old back if needed
+        clean_stale_temporaries(run_dir)
+        yield run_dir
+
+
 def find_checkpoint(path: str | os.PathLike[str]) -> Path:
     """The checkpoint folder for ``path``: the folder itself, or ``<run>/last`` for a run folder.
 
@@ -341,3 +361,66 @@ def load_optimizer(
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as e:
         raise CheckpointError(f"{file} does not fit this model's optimizer: {e}") from e
+
+
+# --------------------------------------------------------------------------- a training run's state
+
+
+def save_training_state(
+    directory: str | os.PathLike[str],
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    state: dict[str, Any],
+    tokenizer: Any = None,
+) -> None:
+    """Fill a (temporary) checkpoint folder: the model (``GPT.save``), the optimizer,
+    the tokenizer when it has ``save``, and ``trainer.json``, written last.
+
+    ``state`` holds the trainer's JSON-ready facts (step, train_config, history, ...);
+    the optimizer's groups, the gradient scaler and torch's RNG states are added here.
+    """
+    directory = Path(directory)
+    model.save(directory)
+    groups = save_optimizer(optimizer, directory)
+    if tokenizer is not None and hasattr(tokenizer, "save"):
+        tokenizer.save(directory / "tokenizer.json")
+    record = {
+        "format": TRAINER_FORMAT,
+        "version": TRAINER_VERSION,
+        **state,
+        "optimizer_param_groups": groups,
+        "grad_scaler": scaler.state_dict(),
+        "rng": rng_state(),
+    }
+    save_json(record, directory / "trainer.json")
+
+
+def load_training_state(
+    directory: str | os.PathLike[str],
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+) -> dict[str, Any]:
+    """Restore ``model``'s weights, the optimizer, the scaler and torch's RNG states from
+    a checkpoint folder (``save_training_state``); returns ``trainer.json``'s state.
+
+    Every file is checked against the manifest first, and a checkpoint of another
+    model is refused. Raises ``CheckpointError`` naming the file at fault.
+    """
+    directory = Path(directory)
+    state = read_trainer_state(directory)
+    verify_files(directory, ["config.json", "model.safetensors"])
+    config = GPTConfig.from_json(directory / "config.json")
+    if config != model.config:
+        raise CheckpointError(
+            f"{directory / 'config.json'} describes a different model than the one being "
+            f"trained: {config} vs {model.config}"
+        )
+    device = next(model.parameters()).device
+    weights = directory / "model.safetensors"
+    model.load_weights(load_tensors(weights, device=device), source=weights)
+    load_optimizer(optimizer, directory, state["optimizer_param_groups"], device=device)
+    scaler.load_state_dict(state.get("grad_scaler") or {})
+    set_rng_state(state["rng"])
+    return state

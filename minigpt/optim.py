@@ -26,6 +26,8 @@ from torch import Tensor, nn
 __all__ = [
     "OptimConfig",
     "adamw_update",
+    "check_bool",
+    "check_int",
     "clip_grad_norm",
     "configure_optimizer",
     "lr_at",
@@ -39,6 +41,26 @@ def _is_int(value: Any) -> bool:
 
 def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_int(config: Any, name: str, minimum: int, *, optional: bool = False) -> None:
+    """Raise a ValueError unless ``config.<name>`` is an integer >= ``minimum``
+    (or None when ``optional``); the message names the setting."""
+    value = getattr(config, name)
+    if optional and value is None:
+        return
+    if not _is_int(value) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        what += " or None" if optional else ""
+        raise ValueError(f"{type(config).__name__}.{name} must be {what}, got {value!r}")
+
+
+def check_bool(config: Any, name: str, *, optional: bool = False) -> None:
+    """Raise a ValueError unless ``config.<name>`` is True or False (or None when ``optional``)."""
+    value = getattr(config, name)
+    if not (isinstance(value, bool) or (optional and value is None)):
+        what = "true, false or null" if optional else "true or false"
+        raise ValueError(f"{type(config).__name__}.{name} must be {what}, got {value!r}")
 
 
 @dataclass
@@ -80,17 +102,10 @@ class OptimConfig:
     def __post_init__(self) -> None:
         name = type(self).__name__
         for key in ("max_steps", "batch_size"):
-            value = getattr(self, key)
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"{name}.{key} must be a positive integer, got {value!r}")
+            check_int(self, key, 1)
         for key in ("warmup_steps", "eval_interval", "seed"):
-            value = getattr(self, key)
-            if not _is_int(value) or value < 0:
-                raise ValueError(f"{name}.{key} must be an integer >= 0, got {value!r}")
-        if self.decay_steps is not None and (not _is_int(self.decay_steps) or self.decay_steps < 1):
-            raise ValueError(
-                f"{name}.decay_steps must be a positive integer or None, got {self.decay_steps!r}"
-            )
+            check_int(self, key, 0)
+        check_int(self, "decay_steps", 1, optional=True)
         if not _is_real(self.lr) or self.lr <= 0:
             raise ValueError(f"{name}.lr must be a positive number, got {self.lr!r}")
         if self.min_lr is not None and (

@@ -36,19 +36,13 @@ import torch.distributed as dist
 from torch import nn
 
 from minigpt.checkpoint import (
-    TRAINER_FORMAT,
-    TRAINER_VERSION,
     CheckpointError,
-    RunLock,
-    check_writable,
-    clean_stale_temporaries,
     find_checkpoint,
     latest_checkpoint,
-    load_optimizer,
+    load_training_state,
+    open_run_folder,
     read_trainer_state,
-    rng_state,
-    save_optimizer,
-    set_rng_state,
+    save_training_state,
     write_checkpoint_folder,
 )
 from minigpt.distributed import (
@@ -60,9 +54,16 @@ from minigpt.distributed import (
     pick_dtype,
     setup_distributed,
 )
-from minigpt.files import config_from_dict, load_tensors, save_json, verify_files
-from minigpt.model import GPT, GPTConfig
-from minigpt.optim import OptimConfig, clip_grad_norm, configure_optimizer, set_lr
+from minigpt.files import config_from_dict
+from minigpt.model import GPT
+from minigpt.optim import (
+    OptimConfig,
+    check_bool,
+    check_int,
+    clip_grad_norm,
+    configure_optimizer,
+    set_lr,
+)
 from minigpt.tokens import TokenDataset
 
 __all__ = [
@@ -118,17 +119,9 @@ class TrainConfig(OptimConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("grad_accum_steps", "eval_iters"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
-        value = self.checkpoint_interval
-        if value is not None and (
-            not isinstance(value, int) or isinstance(value, bool) or value < 1
-        ):
-            raise ValueError(
-                f"TrainConfig.checkpoint_interval must be a positive integer or None, got {value!r}"
-            )
+        check_int(self, "grad_accum_steps", 1)
+        check_int(self, "eval_iters", 1)
+        check_int(self, "checkpoint_interval", 1, optional=True)
         if self.out_dir is not None and not isinstance(self.out_dir, (str, os.PathLike)):
             raise ValueError(
                 f"TrainConfig.out_dir must be a folder path or None, got {self.out_dir!r}"
@@ -140,13 +133,9 @@ class TrainConfig(OptimConfig):
             raise ValueError(
                 f"TrainConfig.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"
             )
-        for name in ("compile", "progress"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(
-                    f"TrainConfig.{name} must be true or false, got {getattr(self, name)!r}"
-                )
-        if self.fused is not None and not isinstance(self.fused, bool):
-            raise ValueError(f"TrainConfig.fused must be true, false or null, got {self.fused!r}")
+        check_bool(self, "compile")
+        check_bool(self, "progress")
+        check_bool(self, "fused", optional=True)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -469,7 +458,8 @@ class Trainer:
             disable=not (c.progress and self.ddp.is_main),
             dynamic_ncols=True,
         )
-        with bar, self._run_folder(), StopSignals(announce=self.ddp.is_main) as stop:
+        folder = open_run_folder(self.out_dir) if self.out_dir and self.ddp.is_main else None
+        with bar, folder or contextlib.nullcontext(), StopSignals(self.ddp.is_main) as stop:
             while self.step < c.max_steps:
                 loss = self.train_step()
                 bar.update(1)
@@ -503,20 +493,6 @@ class Trainer:
                     break
         return self.history
 
-    @contextlib.contextmanager
-    def _run_folder(self):
-        """Hold the run folder's lock while training; first check that checkpoints can be
-        written there, finish a save a kill interrupted and remove its temporary files."""
-        if self.out_dir is None or not self.ddp.is_main:
-            yield
-            return
-        with RunLock(self.out_dir):
-            check_writable(self.out_dir)
-            for name in ("last", "best"):
-                latest_checkpoint(self.out_dir, name)  # renames a .NAME.old back if needed
-            clean_stale_temporaries(self.out_dir)
-            yield
-
     # ------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, name: str = "last") -> Path | None:
@@ -533,26 +509,19 @@ class Trainer:
         return final
 
     def _write_checkpoint(self, directory: Path) -> None:
-        self.model.save(directory)
-        groups = save_optimizer(self.optimizer, directory)
-        if self.tokenizer is not None and hasattr(self.tokenizer, "save"):
-            self.tokenizer.save(directory / "tokenizer.json")
         state = {
-            "format": TRAINER_FORMAT,
-            "version": TRAINER_VERSION,
             "step": self.step,
             "train_config": self.config.to_dict(),
             "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
             "history": self.history.to_dict(),
-            "optimizer_param_groups": groups,
-            "grad_scaler": self.scaler.state_dict(),
-            "rng": rng_state(),
             # batches are a function of (seed, step): the next step's data is fixed by these
             "data": {"seed": self.config.seed, "next_step": self.step},
             "world_size": self.ddp.world_size,
             "metadata": self.metadata,
         }
-        save_json(state, directory / "trainer.json")
+        save_training_state(
+            directory, self.model, self.optimizer, self.scaler, state, tokenizer=self.tokenizer
+        )
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> Path:
         """Restore model, optimizer, step, history and RNG states from a checkpoint.
@@ -561,25 +530,11 @@ class Trainer:
         Raises ``CheckpointError`` naming the file that is missing or corrupt.
         """
         directory = find_checkpoint(path)
-        state = read_trainer_state(directory)
-        verify_files(directory, ["config.json", "model.safetensors"])
-        config = GPTConfig.from_json(directory / "config.json")
-        if config != self.model.config:
-            raise CheckpointError(
-                f"{directory / 'config.json'} describes a different model than the one being "
-                f"trained: {config} vs {self.model.config}"
-            )
-        weights_file = directory / "model.safetensors"
-        self.model.load_weights(load_tensors(weights_file, device=self.device), source=weights_file)
-        load_optimizer(
-            self.optimizer, directory, state["optimizer_param_groups"], device=self.device
-        )
-        self.scaler.load_state_dict(state.get("grad_scaler") or {})
+        state = load_training_state(directory, self.model, self.optimizer, self.scaler)
         self.step = int(state["step"])
         best = state.get("best_val_loss")
         self.best_val_loss = math.inf if best is None else float(best)
         self.history = LossHistory.from_dict(state["history"])
-        set_rng_state(state["rng"])
         self._last_saved = (directory, self.step)
         return directory
 
