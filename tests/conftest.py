@@ -20,3 +20,28 @@ def data_dir() -> Path:
 @pytest.fixture
 def shakespeare(data_dir: Path) -> str:
     return (data_dir / "tinyshakespeare.txt").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def _data() -> Path:
+    """The course data folder, with GPT-2's tokenizer files; skips the test without them."""
+    d = os.environ.get("MINIGPT_DATA_DIR")
+    if not d or not (Path(d) / "gpt2" / "encoder.json").is_file():
+        pytest.skip("MINIGPT_DATA_DIR does not hold GPT-2's tokenizer files")
+    return Path(d)
+
+
+@pytest.fixture(scope="session")
+def gpt2(_data):
+    """minigpt's BPETokenizer with GPT-2's merges."""
+    from minigpt.tokenizer import BPETokenizer
+
+    return BPETokenizer.from_gpt2()
+
+
+@pytest.fixture(scope="session")
+def reference(_data):
+    """tiktoken's own gpt2 encoding, built from the same files: the peer to match."""
+    from minigpt.tokenizer import tiktoken_gpt2_reference
+
+    return tiktoken_gpt2_reference()

@@ -11,10 +11,7 @@ KeyboardInterrupt must still stop a check.
 
 from __future__ import annotations
 
-import importlib
 import math
-import pkgutil
-import re
 import sys
 from collections.abc import Callable, Mapping
 
@@ -22,22 +19,9 @@ import pytest
 import torch
 from torch import nn
 
-import minigpt.exercises
 from minigpt.exercises import Question
+from tests.test_exercises import ALL
 
-CHAPTERS = sorted(
-    m.name
-    for m in pkgutil.iter_modules(minigpt.exercises.__path__)
-    if re.fullmatch(r"ch\d\d", m.name)
-)
-
-
-def _questions(chapter: str) -> list[Question]:
-    mod = importlib.import_module(f"minigpt.exercises.{chapter}")
-    return [getattr(mod, n) for n in sorted(vars(mod)) if isinstance(getattr(mod, n), Question)]
-
-
-ALL = [(ch, q) for ch in CHAPTERS for q in _questions(ch)]
 IDS = [f"{c}-{q.name}" for c, q in ALL]
 
 # ---------------------------------------------------------------- hostile objects

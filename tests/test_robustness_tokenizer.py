@@ -7,7 +7,6 @@ encoding (``tiktoken_gpt2_reference``) where it can take the input.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from itertools import pairwise
 from pathlib import Path
@@ -24,7 +23,6 @@ from minigpt.tokenizer import (
     BPETokenizer,
     CharTokenizer,
     safe_cuts,
-    tiktoken_gpt2_reference,
 )
 from minigpt.tokens import encode_to_file
 
@@ -56,26 +54,8 @@ def pieces_of(text: str, cuts: list[int]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def _data():
-    d = os.environ.get("MINIGPT_DATA_DIR")
-    if not d or not (Path(d) / "gpt2" / "encoder.json").is_file():
-        pytest.skip("MINIGPT_DATA_DIR does not hold GPT-2's tokenizer files")
-    return Path(d)
-
-
-@pytest.fixture(scope="module")
-def gpt2(_data):
-    return BPETokenizer.from_gpt2()
-
-
-@pytest.fixture(scope="module")
 def fast(gpt2):
     return gpt2.to_tiktoken()
-
-
-@pytest.fixture(scope="module")
-def reference(_data):
-    return tiktoken_gpt2_reference()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minigpt import GPT2_PATTERN, BPETokenizer, CharTokenizer
-from minigpt.tokenizer import bytes_to_unicode, tiktoken_gpt2_reference
+from minigpt.tokenizer import bytes_to_unicode
 
 EOT = "<|endoftext|>"
 
@@ -50,27 +50,6 @@ SPECIAL_STRINGS = [
 
 
 # -- fixtures ---------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def gpt2(_data):
-    return BPETokenizer.from_gpt2()
-
-
-@pytest.fixture(scope="module")
-def reference(_data):
-    return tiktoken_gpt2_reference()
-
-
-@pytest.fixture(scope="module")
-def _data():
-    import os
-    from pathlib import Path
-
-    d = os.environ.get("MINIGPT_DATA_DIR")
-    if not d or not (Path(d) / "gpt2" / "encoder.json").is_file():
-        pytest.skip("MINIGPT_DATA_DIR does not hold GPT-2's tokenizer files")
-    return Path(d)
 
 
 @pytest.fixture(scope="module")
