@@ -123,14 +123,14 @@ def _decode(
         if cache is None:
             # no cache: run the whole window (the last block_size tokens) again
             window = seq[:, max(0, n - block_size) : n]
-            logits = model.lm_head(model._hidden_states(window, None, last_only=True))
+            logits = model.lm_head(model.hidden_states(window, None, last_only=True, check=False))
         else:
             if n - start > block_size:  # the window slid: rebuild the cache from it
                 for layer in cache:
                     layer.reset()
                 start = n - block_size
             new = seq[:, start + cache[0].length : n]  # the prompt, then one token a step
-            logits = model.lm_head(model._hidden_states(new, cache, last_only=True))
+            logits = model.lm_head(model.hidden_states(new, cache, last_only=True, check=False))
         logits = logits[:, -1, :]  # (B, V)
         token = sampling.next_token(logits, seq[:, :n], generator)
         if stop_tokens:

@@ -335,7 +335,7 @@ class GPT(nn.Module):
             raise ValueError(
                 f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}"
             )
-        x = self._hidden_states(idx, kv_cache, last_only)  # (B, T, C) or (B, 1, C)
+        x = self.hidden_states(idx, kv_cache, last_only)  # (B, T, C) or (B, 1, C)
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:
@@ -346,21 +346,22 @@ class GPT(nn.Module):
         return logits, loss
 
     def hidden_states(
-        self, idx: Tensor, kv_cache: list[KVCache] | None = None, last_only: bool = False
+        self,
+        idx: Tensor,
+        kv_cache: list[KVCache] | None = None,
+        last_only: bool = False,
+        *,
+        check: bool = True,
     ) -> Tensor:
         """What the output head reads: the final-norm hidden states.
 
         ``forward`` is this followed by ``lm_head``; the arguments are forward's.
+        ``check=False`` skips the checks of ``idx`` for a caller that made them once
+        (``minigpt.generate`` checks the prompt, then feeds only tokens it sampled).
         Returns (B, T, C), or (B, 1, C) with ``last_only``.
         """
-        self._check_ids(idx, kv_cache)
-        return self._hidden_states(idx, kv_cache, last_only)
-
-    def _hidden_states(
-        self, idx: Tensor, kv_cache: list[KVCache] | None, last_only: bool
-    ) -> Tensor:
-        """``hidden_states`` without the checks, for a caller that made them once
-        (``minigpt.generate`` checks the prompt, then feeds the tokens it samples)."""
+        if check:
+            self._check_ids(idx, kv_cache)
         T = idx.shape[1]
         offset = 0 if kv_cache is None else kv_cache[0].length
         x = self.wte(idx)  # (B, T, C)

@@ -45,3 +45,14 @@ def reference(_data):
     from minigpt.tokenizer import tiktoken_gpt2_reference
 
     return tiktoken_gpt2_reference()
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_data_settings():
+    """A test that changes where data or models live must undo it (use monkeypatch):
+    notebook kernels that the same worker starts later inherit the environment."""
+    keys = ("MINIGPT_CACHE_DIR", "MINIGPT_DATA_DIR")
+    before = {k: os.environ.get(k) for k in keys}
+    yield
+    after = {k: os.environ.get(k) for k in keys}
+    assert after == before, f"the test left the environment changed: {before} -> {after}"

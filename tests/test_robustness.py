@@ -107,6 +107,7 @@ def fuzz_cli(n: int, seed: int = 0, workdir: Path | None = None) -> dict[str, li
     results: dict[str, list] = {"ok": [], "error": [], "unclear": [], "traceback": []}
     real_train = mt.Trainer.train
     mt.Trainer.train = lambda self: mt.LossHistory(train_loss=[0.0])  # no steps: milliseconds
+    saved_cache = os.environ.get("MINIGPT_CACHE_DIR")
     try:
         with tempfile.TemporaryDirectory(dir=workdir) as tmp:
             tmp = Path(tmp)
@@ -129,6 +130,11 @@ def fuzz_cli(n: int, seed: int = 0, workdir: Path | None = None) -> dict[str, li
                     results["unclear"].append((overrides, f"exit {status}: " + " | ".join(lines)))
     finally:
         mt.Trainer.train = real_train
+        # never leak the setting: notebook kernels started later by this process inherit it
+        if saved_cache is None:
+            os.environ.pop("MINIGPT_CACHE_DIR", None)
+        else:
+            os.environ["MINIGPT_CACHE_DIR"] = saved_cache
     return results
 
 
@@ -181,9 +187,10 @@ def _step(run: Path) -> int:
 def trained(tmp_path_factory) -> Path:
     """A config and a run folder trained for 2 steps (copy it before changing it)."""
     tmp = tmp_path_factory.mktemp("trained")
-    os.environ.setdefault("MINIGPT_CACHE_DIR", str(tmp / "cache"))
-    cfg = _config(tmp, max_steps=2)
-    status, _, err = _cli("train", str(cfg))
+    with pytest.MonkeyPatch.context() as mp:  # undone after: later notebook kernels inherit env
+        mp.setenv("MINIGPT_CACHE_DIR", str(tmp / "cache"))
+        cfg = _config(tmp, max_steps=2)
+        status, _, err = _cli("train", str(cfg))
     assert status == 0, err
     return tmp
 
