@@ -12,7 +12,7 @@ JOBS ?= 2
 # Quiet a harmless debugger warning that Python 3.11 kernels print on stderr.
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: setup lab test lint format unit notebooks execute bench clean
+.PHONY: setup lab test lint format unit notebooks execute bench clean course-model
 
 setup: $(STAMP)
 
@@ -37,18 +37,22 @@ format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: lint
+# The course model is trained (once, then cached) before the notebooks that load it.
+test: lint course-model
 	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile $(PYTEST_ARGS)
+
+course-model: setup
+	$(BIN)/python tools/course_model.py
 
 unit: setup
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
-notebooks: setup
+notebooks: setup course-model
 	$(BIN)/python -m pytest notebooks exercises solutions $(PYTEST_ARGS)
 
 # Re-execute notebooks top to bottom in a fresh kernel and store their outputs:
 #   make execute NB="notebooks/00_what_is_a_language_model.ipynb"
-execute: setup
+execute: setup course-model
 	$(BIN)/python tools/execute_notebooks.py $(NB)
 
 bench: setup

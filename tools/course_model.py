@@ -1,0 +1,41 @@
+"""Train (or load) the cached course model before the notebooks need it.
+
+    python tools/course_model.py
+
+`make test` runs this first: the course model (``minigpt.pretrained``) takes a few
+minutes to train from an empty cache, and a notebook cell that waited for it would
+run into nbval's cell timeout. It trains with one thread, as the notebook kernels
+do (see conftest.py), so the model is bit for bit the one the stored outputs came
+from. Like conftest.py, it reads the data from ../shared/data beside the checkout
+when MINIGPT_DATA_DIR is unset and that folder exists.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(var, "1")
+shared = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+if "MINIGPT_DATA_DIR" not in os.environ and shared.is_dir():
+    os.environ["MINIGPT_DATA_DIR"] = str(shared)
+
+from minigpt.pretrained import shakespeare_char_history, shakespeare_char_model  # noqa: E402
+
+
+def main() -> int:
+    start = time.perf_counter()
+    model, _ = shakespeare_char_model(progress=sys.stderr.isatty())
+    _, val = shakespeare_char_history()
+    print(
+        f"course model ready in {time.perf_counter() - start:.0f} s: "
+        f"{model.num_parameters():,} parameters, validation loss {val:.3f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
