@@ -443,7 +443,8 @@ class Trainer:
     def train(self) -> LossHistory:
         """Train until ``config.max_steps`` (or ``time_limit``); returns the loss history.
 
-        Ctrl-C finishes the current step, saves ``last`` and raises KeyboardInterrupt.
+        Ctrl-C or SIGTERM finishes the current step, saves ``last`` and raises
+        KeyboardInterrupt.
         A NaN or infinite loss raises ``TrainingDivergedError`` without saving.
         """
         c = self.config
