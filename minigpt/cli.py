@@ -48,6 +48,7 @@ from minigpt.config import (
     check_types,
     load_config,
     num_parameters,
+    option_names,
 )
 
 __all__ = ["build_tokenizer", "load_config", "load_tokenizer", "main"]
@@ -226,16 +227,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from minigpt.checkpoint import latest_checkpoint
     from minigpt.distributed import teardown_distributed
     from minigpt.model import GPT, GPTConfig
-    from minigpt.train import TrainConfig, Trainer
+    from minigpt.train import Trainer
 
     if args.resume and args.overwrite:
         raise SystemExit("--resume continues a run and --overwrite starts it again: pass one")
     config = load_config(args.config, args.overrides)
-    check_types(config)
-    try:
-        train_config = TrainConfig.from_dict(config["train"])
-    except (TypeError, ValueError) as e:
-        raise SystemExit(f"bad train config: {e}") from e
+    train_config = check_types(config)
     check_device(train_config.device)
     is_main = int(os.environ.get("RANK", "0")) == 0
     out = train_config.out_dir
@@ -264,7 +261,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             GPTConfig.preset(preset, **model_cfg) if preset else GPTConfig.from_dict(model_cfg)
         )
     except (KeyError, TypeError, ValueError) as e:
-        raise SystemExit(f"bad model config: {e.args[0] if e.args else e}") from e
+        raise SystemExit(option_names(str(e.args[0] if e.args else e))) from e
     check_training_memory(gpt_config, train_config)
     if found is not None:
         _check_same_model(found, gpt_config)

@@ -4,8 +4,8 @@ A config has three sections, ``model`` (``GPTConfig``, or a ``preset`` plus
 changes), ``train`` (``TrainConfig``) and ``data``; without a file it is the
 course's Shakespeare recipe (``default_config``). ``load_config`` reads a JSON or
 TOML file over the defaults and applies ``--section.key=value`` overrides;
-``check_types`` checks every value against its field's type (numbers finite, no
-booleans for integers) before anything is built, and ``check_training_memory``
+``check_types`` has the config dataclasses check every value (types, finiteness,
+ranges) before any work, naming the option as the command line writes it, and ``check_training_memory``
 refuses a model or batch too big for this machine with an estimate of what it
 would need. Errors are ``SystemExit`` with a one-line message naming the option.
 """
@@ -13,7 +13,6 @@ would need. Errors are ``SystemExit`` with a one-line message naming the option.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import fields
 from pathlib import Path
@@ -29,6 +28,7 @@ __all__ = [
     "gib",
     "load_config",
     "num_parameters",
+    "option_names",
     "parse_value",
     "section_keys",
 ]
@@ -135,66 +135,43 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] = ()) 
     return config
 
 
-def _kinds(annotation: str) -> tuple[set[str], bool]:
-    """The JSON kinds a dataclass field annotation allows (``"int | None"``), and None?"""
-    parts = {p.strip() for p in annotation.split("|")}
-    return parts - {"None"}, "None" in parts
+def option_names(message: str) -> str:
+    """A dataclass's error in the names the command line uses (``TrainConfig.lr`` -> ``train.lr``)."""
+    return message.replace("TrainConfig.", "train.").replace("GPTConfig.", "model.")
 
 
-_WHAT = {
-    "int": "an integer",
-    "float": "a finite number",
-    "bool": "true or false",
-    "str": "a string",
-}
+def check_types(config: dict[str, dict]) -> Any:
+    """Check every value before any work; returns the ``TrainConfig``.
 
-
-def _check_value(name: str, value: Any, kinds: set[str], nullable: bool) -> None:
-    """Refuse a value of the wrong JSON type (or NaN/inf) before any dataclass sees it."""
-    if value is None and nullable:
-        return
-    ok = (
-        ("bool" in kinds and isinstance(value, bool))
-        or ("str" in kinds and isinstance(value, str))
-        or (not isinstance(value, bool) and "int" in kinds and isinstance(value, int))
-        or (
-            not isinstance(value, bool)
-            and "float" in kinds
-            and isinstance(value, (int, float))
-            and math.isfinite(value)
-        )
-    )
-    if not ok:
-        what = " or ".join([_WHAT[k] for k in sorted(kinds) if k in _WHAT] + ["null"] * nullable)
-        raise SystemExit(f"{name} must be {what}, got {json.dumps(value)}")
-
-
-def check_types(config: dict[str, dict]) -> None:
-    """Check every value's type against the config dataclasses, naming the option."""
+    The dataclasses check their own fields (types, finiteness, ranges); the model is
+    checked here with a stand-in vocabulary size, since the real one comes from the
+    tokenizer, which is built later. Errors name the option as it is written.
+    """
     from minigpt.model import GPTConfig
     from minigpt.train import TrainConfig
 
-    fields_of = {
-        "model": {f.name: _kinds(str(f.type)) for f in fields(GPTConfig)},
-        "train": {f.name: _kinds(str(f.type)) for f in fields(TrainConfig)},
-    }
-    fields_of["model"]["preset"] = ({"str"}, True)
-    fields_of["data"] = {
-        "dataset": ({"str"}, True),
-        "text_file": ({"str"}, True),
-        "tokenizer": ({"str"}, False),
-        "val_fraction": ({"float"}, False),
-    }
-    for section, known in fields_of.items():
-        for key, value in config[section].items():
-            if key in known:  # unknown keys are refused by the dataclasses, with the known ones
-                _check_value(f"{section}.{key}", value, *known[key])
-    for key in ("rope_base", "norm_eps"):
-        if key in config["model"] and config["model"][key] <= 0:
-            raise SystemExit(f"model.{key} must be a positive number, got {config['model'][key]}")
-    fraction = config["data"].get("val_fraction", 0.1)
-    if not 0 < fraction < 1:
-        raise SystemExit(f"data.val_fraction must be between 0 and 1 (e.g. 0.1), got {fraction}")
+    data = config["data"]
+    for key in ("dataset", "text_file", "tokenizer"):
+        value = data.get(key)
+        if not (isinstance(value, str) or (value is None and key != "tokenizer")):
+            raise SystemExit(f"data.{key} must be a string, got {json.dumps(value)}")
+    fraction = data.get("val_fraction", 0.1)
+    ok = isinstance(fraction, (int, float)) and not isinstance(fraction, bool)
+    if not (ok and 0 < fraction < 1):
+        raise SystemExit(
+            f"data.val_fraction must be between 0 and 1 (e.g. 0.1), got {json.dumps(fraction)}"
+        )
+    try:
+        train = TrainConfig.from_dict(config["train"])
+        model = dict(config["model"])
+        preset = model.pop("preset", None)
+        model.setdefault("vocab_size", 1)  # a stand-in: the tokenizer decides
+        if preset is not None and not isinstance(preset, str):
+            raise ValueError(f"GPTConfig.preset must be a string, got {preset!r}")
+        GPTConfig.preset(preset, **model) if preset else GPTConfig.from_dict(model)
+    except (KeyError, TypeError, ValueError) as e:
+        raise SystemExit(option_names(str(e.args[0] if e.args else e))) from e
+    return train
 
 
 # --------------------------------------------------------------------------- memory estimates

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -41,7 +42,10 @@ __all__ = [
     "MANIFEST",
     "CheckpointError",
     "atomic_write",
+    "check_bool",
     "check_float_tensors",
+    "check_int",
+    "check_number",
     "config_from_dict",
     "hold_lock",
     "load_json",
@@ -69,6 +73,66 @@ def config_from_dict(cls: type[T], d: dict[str, Any]) -> T:
     if unknown:
         raise ValueError(f"unknown {cls.__name__} keys {unknown}; known keys: {sorted(known)}")
     return cls(**d)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_int(config: Any, name: str, minimum: int, *, optional: bool = False) -> None:
+    """Raise a ValueError unless ``config.<name>`` is an integer >= ``minimum``
+    (or None when ``optional``); the message names the setting."""
+    value = getattr(config, name)
+    if optional and value is None:
+        return
+    if not _is_int(value) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        what += " or None" if optional else ""
+        raise ValueError(f"{type(config).__name__}.{name} must be {what}, got {value!r}")
+
+
+def check_number(
+    config: Any,
+    name: str,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    above: bool = False,
+    below: bool = False,
+    optional: bool = False,
+) -> None:
+    """Raise a ValueError unless ``config.<name>`` is a finite number in the range
+    (``low`` <= value, or < with ``above``; value <= ``high``, or < with ``below``)."""
+    value = getattr(config, name)
+    if optional and value is None:
+        return
+    ok = _is_real(value)
+    if ok and low is not None:
+        ok = value > low if above else value >= low
+    if ok and high is not None:
+        ok = value < high if below else value <= high
+    if not ok:
+        lo = "" if low is None else f"{'>' if above else '>='} {low}"
+        hi = "" if high is None else f"{'<' if below else '<='} {high}"
+        what = (
+            "a finite number"
+            + (f" {lo}" if lo else "")
+            + (f" and {hi}" if lo and hi else f" {hi}" if hi else "")
+        )
+        what += " or None" if optional else ""
+        raise ValueError(f"{type(config).__name__}.{name} must be {what}, got {value!r}")
+
+
+def check_bool(config: Any, name: str, *, optional: bool = False) -> None:
+    """Raise a ValueError unless ``config.<name>`` is True or False (or None when ``optional``)."""
+    value = getattr(config, name)
+    if not (isinstance(value, bool) or (optional and value is None)):
+        what = "true, false or null" if optional else "true or false"
+        raise ValueError(f"{type(config).__name__}.{name} must be {what}, got {value!r}")
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:

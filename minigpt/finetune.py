@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from minigpt.classify import Classifier, Encode, encode_texts, evaluate_classifier
+from minigpt.files import check_bool, check_int, check_number
 from minigpt.instruct import (
     PROMPT_INTRO,
     InstructionCollator,
@@ -79,22 +80,11 @@ class FinetuneConfig(OptimConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.max_length is not None and (
-            isinstance(self.max_length, bool)
-            or not isinstance(self.max_length, int)
-            or self.max_length < 1
-        ):
-            raise ValueError(
-                f"FinetuneConfig.max_length must be a positive integer or None, got {self.max_length!r}"
-            )
-        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
-            raise ValueError(
-                f"FinetuneConfig.dropout must be in [0, 1) or None, got {self.dropout}"
-            )
-        if self.ema is not None and not 0.0 < self.ema < 1.0:
-            raise ValueError(
-                f"FinetuneConfig.ema must be a decay in (0, 1) or None, got {self.ema}"
-            )
+        check_int(self, "max_length", 1, optional=True)
+        check_bool(self, "keep_best")
+        check_bool(self, "bucket_by_length")
+        check_number(self, "dropout", 0, 1, below=True, optional=True)
+        check_number(self, "ema", 0, 1, above=True, below=True, optional=True)
 
 
 def _epoch_batches(

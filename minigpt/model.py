@@ -35,7 +35,10 @@ from minigpt.embeddings import (
 )
 from minigpt.files import (
     CheckpointError,
+    check_bool,
     check_float_tensors,
+    check_int,
+    check_number,
     config_from_dict,
     load_json,
     load_tensors,
@@ -92,11 +95,9 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+            check_int(self, name, 1)
         for name, allowed in _CHOICES.items():
-            if getattr(self, name) not in allowed:
+            if not isinstance(getattr(self, name), str) or getattr(self, name) not in allowed:
                 raise ValueError(
                     f"GPTConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}"
                 )
@@ -106,7 +107,7 @@ class GPTConfig:
                 f"for example n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}"
             )
         kv = self.n_head if self.n_kv_head is None else self.n_kv_head
-        if not isinstance(kv, int) or kv < 1 or self.n_head % kv:
+        if not isinstance(kv, int) or isinstance(kv, bool) or kv < 1 or self.n_head % kv:
             raise ValueError(
                 f"GPTConfig.n_kv_head ({self.n_kv_head}) must be a positive divisor of n_head "
                 f"({self.n_head}), or None for plain multi-head attention"
@@ -117,12 +118,12 @@ class GPTConfig:
             )
         if self.positions == "sinusoidal" and self.n_embd % 2:
             raise ValueError(f"sinusoidal positions need an even n_embd, got {self.n_embd}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
-        if self.mlp_hidden is not None and self.mlp_hidden < 1:
-            raise ValueError(
-                f"GPTConfig.mlp_hidden must be positive or None, got {self.mlp_hidden}"
-            )
+        check_number(self, "dropout", 0, 1, below=True)
+        check_int(self, "mlp_hidden", 1, optional=True)
+        check_number(self, "rope_base", 0, above=True)
+        check_number(self, "norm_eps", 0, above=True)
+        check_bool(self, "bias")
+        check_bool(self, "tie_weights")
 
     @property
     def head_dim(self) -> int:

@@ -23,44 +23,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from minigpt.files import check_int, check_number
+
 __all__ = [
     "OptimConfig",
     "adamw_update",
-    "check_bool",
-    "check_int",
     "clip_grad_norm",
     "configure_optimizer",
     "lr_at",
     "set_lr",
 ]
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def check_int(config: Any, name: str, minimum: int, *, optional: bool = False) -> None:
-    """Raise a ValueError unless ``config.<name>`` is an integer >= ``minimum``
-    (or None when ``optional``); the message names the setting."""
-    value = getattr(config, name)
-    if optional and value is None:
-        return
-    if not _is_int(value) or value < minimum:
-        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        what += " or None" if optional else ""
-        raise ValueError(f"{type(config).__name__}.{name} must be {what}, got {value!r}")
-
-
-def check_bool(config: Any, name: str, *, optional: bool = False) -> None:
-    """Raise a ValueError unless ``config.<name>`` is True or False (or None when ``optional``)."""
-    value = getattr(config, name)
-    if not (isinstance(value, bool) or (optional and value is None)):
-        what = "true, false or null" if optional else "true or false"
-        raise ValueError(f"{type(config).__name__}.{name} must be {what}, got {value!r}")
 
 
 @dataclass
@@ -100,33 +72,19 @@ class OptimConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        name = type(self).__name__
         for key in ("max_steps", "batch_size"):
             check_int(self, key, 1)
         for key in ("warmup_steps", "eval_interval", "seed"):
             check_int(self, key, 0)
         check_int(self, "decay_steps", 1, optional=True)
-        if not _is_real(self.lr) or self.lr <= 0:
-            raise ValueError(f"{name}.lr must be a positive number, got {self.lr!r}")
-        if self.min_lr is not None and (
-            not _is_real(self.min_lr) or not 0 <= self.min_lr <= self.lr
-        ):
-            raise ValueError(f"{name}.min_lr must be in [0, lr={self.lr}], got {self.min_lr!r}")
-        for key in ("weight_decay", "grad_clip"):
-            value = getattr(self, key)
-            if not _is_real(value) or value < 0:
-                raise ValueError(f"{name}.{key} must be a number >= 0, got {value!r}")
-        for key in ("beta1", "beta2"):
-            value = getattr(self, key)
-            if not _is_real(value) or not 0 <= value < 1:
-                raise ValueError(f"{name}.{key} must be in [0, 1), got {value!r}")
-        if not _is_real(self.eps) or self.eps <= 0:
-            raise ValueError(f"{name}.eps must be a positive number, got {self.eps!r}")
-        if self.time_limit is not None and (not _is_real(self.time_limit) or self.time_limit <= 0):
-            raise ValueError(
-                f"{name}.time_limit must be a positive number of seconds or None, "
-                f"got {self.time_limit!r}"
-            )
+        check_number(self, "lr", 0, above=True)
+        check_number(self, "min_lr", 0, self.lr, optional=True)
+        check_number(self, "weight_decay", 0)
+        check_number(self, "grad_clip", 0)
+        check_number(self, "beta1", 0, 1, below=True)
+        check_number(self, "beta2", 0, 1, below=True)
+        check_number(self, "eps", 0, above=True)
+        check_number(self, "time_limit", 0, above=True, optional=True)
 
     @property
     def final_lr(self) -> float:

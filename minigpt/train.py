@@ -54,16 +54,9 @@ from minigpt.distributed import (
     pick_dtype,
     setup_distributed,
 )
-from minigpt.files import config_from_dict
+from minigpt.files import check_bool, check_int, config_from_dict
 from minigpt.model import GPT
-from minigpt.optim import (
-    OptimConfig,
-    check_bool,
-    check_int,
-    clip_grad_norm,
-    configure_optimizer,
-    set_lr,
-)
+from minigpt.optim import OptimConfig, clip_grad_norm, configure_optimizer, set_lr
 from minigpt.tokens import TokenDataset
 
 __all__ = [

@@ -191,3 +191,24 @@ def test_a_training_step_on_the_gpu_does_not_sync():
         model(idx, kv_cache=cache, last_only=True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("rope_base", 0.0),
+        ("rope_base", float("nan")),
+        ("norm_eps", -1e-5),
+        ("dropout", "abc"),
+        ("dropout", 1.0),
+        ("bias", "yes"),
+        ("tie_weights", 1),
+        ("mlp_hidden", 2.5),
+        ("n_kv_head", True),
+        ("norm", ["layernorm"]),
+    ],
+)
+def test_gpt_config_refuses_bad_values_with_the_field_name(field, value):
+    """GPTConfig itself checks every field (the CLI relies on it, it does not re-check)."""
+    with pytest.raises(ValueError, match=f"GPTConfig.{field}|{field}"):
+        GPTConfig(vocab_size=8, block_size=8, n_layer=1, n_head=2, n_embd=8, **{field: value})
