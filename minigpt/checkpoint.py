@@ -10,7 +10,7 @@ flipped bit is caught on load with an error naming the file.
 renames; ``recover_checkpoint`` finishes a swap that a kill interrupted, so some
 complete checkpoint survives a crash at any instant. ``RunLock`` stops two runs
 from writing one folder, ``check_writable`` finds a bad output folder before the
-first step, and ``clean_stale_temporaries`` removes what killed runs left behind.
+first step, and ``open_run_folder`` removes what killed runs left behind.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from minigpt.files import (
     check_float_tensors,
     load_json,
     load_tensors,
+    remove_stale_temporaries,
     save_json,
     save_tensors,
     verify_files,
@@ -44,7 +45,6 @@ __all__ = [
     "CheckpointError",
     "RunLock",
     "check_writable",
-    "clean_stale_temporaries",
     "find_checkpoint",
     "latest_checkpoint",
     "load_optimizer",
@@ -121,24 +121,6 @@ def write_checkpoint_folder(final: str | os.PathLike[str], write: Callable[[Path
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-def clean_stale_temporaries(run_dir: str | os.PathLike[str]) -> list[Path]:
-    """Delete the ``.NAME.*.tmp`` folders and files a killed run left in ``run_dir``.
-
-    Call it only while holding the run's lock (``RunLock``): then no other process
-    is writing them. Returns what was deleted.
-    """
-    run_dir = Path(run_dir)
-    removed = []
-    if run_dir.is_dir():
-        for p in run_dir.glob(".*.tmp"):
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
 
 
 class RunLock:
@@ -231,7 +213,7 @@ def open_run_folder(run_dir: str | os.PathLike[str]) -> Iterator[Path]:
         check_writable(run_dir)
         for name in ("last", "best"):
             latest_checkpoint(run_dir, name)  # renames a .NAME.old back if needed
-        clean_stale_temporaries(run_dir)
+        remove_stale_temporaries(run_dir, older_than=0)  # the lock: no one else writes here
         yield run_dir
 
 

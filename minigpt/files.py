@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -283,33 +284,44 @@ def hold_lock(fd: int) -> None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-def remove_stale_temporaries(folder: Path) -> None:
-    """Delete temp files that a killed process left in ``folder`` (one of our caches).
+def remove_stale_temporaries(
+    folder: str | os.PathLike[str], older_than: float = _STALE_AFTER_S
+) -> list[Path]:
+    """Delete the temp files and folders a killed process left in ``folder``; returns them.
 
-    A temp file is stale when it has not been written for ``_STALE_AFTER_S`` and no
+    A temp file is stale when it has not been written for ``older_than`` seconds and no
     process holds its lock; on Windows, where there is no lock, a file still open
-    elsewhere cannot be deleted, and the error is ignored.
+    elsewhere cannot be deleted, and the error is ignored. A caller that holds a lock
+    on the whole folder (a training run's ``RunLock``) knows no one else writes there
+    and passes ``older_than=0``.
     """
+    removed: list[Path] = []
     try:
         entries = list(os.scandir(folder))
     except OSError:
-        return  # no such folder yet: nothing to clean
+        return removed  # no such folder yet: nothing to clean
     now = time.time()
     for entry in entries:
         if not _TEMP_NAME.match(entry.name):
             continue
         try:
             st = entry.stat(follow_symlinks=False)
-            if not entry.is_file(follow_symlinks=False) or now - st.st_mtime < _STALE_AFTER_S:
+            if now - st.st_mtime < older_than:
                 continue
-            if fcntl is None:
-                os.unlink(entry.path)
+            if entry.is_dir(follow_symlinks=False):  # a checkpoint folder being filled
+                shutil.rmtree(entry.path)
+            elif not entry.is_file(follow_symlinks=False):
                 continue
-            with open(entry.path, "rb") as f:
-                try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # its writer is alive
+            elif fcntl is None:
                 os.unlink(entry.path)
+            else:
+                with open(entry.path, "rb") as f:
+                    try:
+                        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # its writer is alive
+                    os.unlink(entry.path)
+            removed.append(Path(entry.path))
         except OSError:
             continue  # gone already, or in use: leave it
+    return removed

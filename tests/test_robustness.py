@@ -290,9 +290,9 @@ def test_a_kill_at_any_point_of_a_save_loses_no_completed_step(tmp_path, monkeyp
 
 def test_stale_temporaries_are_removed_on_the_next_start(run):
     cfg, folder = run
-    (folder / ".last.k3j4.tmp").mkdir()
-    (folder / ".last.k3j4.tmp" / "model.safetensors").write_bytes(b"half")
-    (folder / ".trainer.json.x1.tmp").write_text("{")
+    (folder / ".last.k3j4x9qa.tmp").mkdir()
+    (folder / ".last.k3j4x9qa.tmp" / "model.safetensors").write_bytes(b"half")
+    (folder / ".trainer.json.x1b2c3d4.tmp").write_text("{")
     status, _, err = _cli("train", str(cfg), "--resume", "--train.max_steps=3")
     assert status == 0, err
     assert not list(folder.glob(".*.tmp")) and _step(folder) == 3
