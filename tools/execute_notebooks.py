@@ -4,7 +4,8 @@
 
 Each notebook is formatted with ruff first, then run with its own folder as the
 working directory (as JupyterLab and nbval do), and written back only if every
-cell succeeded. Widget state is dropped to keep the files small. This is the only
+cell succeeded. Widget state is stored, so a static viewer shows each widget as it
+was left (a widget's first picture). This is the only
 way notebooks should be stored: nbval compares the tests' run with these outputs.
 """
 
@@ -41,7 +42,6 @@ def execute(path: Path, timeout: int = 1200) -> float:
     start = time.perf_counter()
     client.execute()
     elapsed = time.perf_counter() - start
-    nb.metadata.pop("widgets", None)
     nb.metadata["kernelspec"] = {
         "display_name": "Python 3",
         "language": "python",
