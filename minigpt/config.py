@@ -197,14 +197,17 @@ def _memory_limit() -> int:
 
 
 def num_parameters(c: Any) -> int:
-    """About how many parameters ``GPT(c)`` has, computed without building it."""
-    C, L = c.n_embd, c.n_layer
+    """How many parameters ``GPT(c)`` has, counted from the config without building it
+    (``tests/test_model_core.py`` checks it against the model)."""
+    C, L, H = c.n_embd, c.n_layer, c.hidden_dim
     kv_dim = C // c.n_head * (c.n_kv_head or c.n_head)
-    attention = 2 * C * C + 2 * C * kv_dim
-    mlp = (3 if c.mlp == "swiglu" else 2) * C * c.hidden_dim
+    gated = c.mlp == "swiglu"
+    attention = 2 * C * C + 2 * C * kv_dim + (2 * C + 2 * kv_dim) * c.bias
+    mlp = (3 if gated else 2) * C * H + ((2 if gated else 1) * H + C) * c.bias
+    norm = C * (2 if c.norm == "layernorm" and c.bias else 1)
     embeddings = c.vocab_size * C * (1 if c.tie_weights else 2)
     positions = c.block_size * C if c.positions == "learned" else 0
-    return embeddings + positions + L * (attention + mlp + 4 * C)
+    return embeddings + positions + L * (attention + mlp + 2 * norm) + norm
 
 
 def check_memory(need: int, what: str, fix: str) -> None:

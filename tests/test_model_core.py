@@ -212,3 +212,22 @@ def test_gpt_config_refuses_bad_values_with_the_field_name(field, value):
     """GPTConfig itself checks every field (the CLI relies on it, it does not re-check)."""
     with pytest.raises(ValueError, match=f"GPTConfig.{field}|{field}"):
         GPTConfig(vocab_size=8, block_size=8, n_layer=1, n_head=2, n_embd=8, **{field: value})
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(),
+        dict(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_weights=False),
+        dict(n_kv_head=2, mlp_hidden=100, positions="sinusoidal"),
+        dict(bias=False, norm="rmsnorm", tie_weights=False),
+    ],
+)
+def test_the_cli_memory_estimate_counts_the_parameters_gpt_builds(overrides):
+    """minigpt.config counts parameters from the config alone (to refuse absurd sizes
+    before allocating); it must agree with the model it would build."""
+    from minigpt.config import num_parameters
+
+    config = GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=4, n_embd=32, **overrides)
+    built = GPT(config).num_parameters()
+    assert num_parameters(config) == built

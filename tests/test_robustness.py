@@ -313,20 +313,27 @@ def test_a_flipped_bit_in_the_weights_is_caught_on_load(run):
         _one_line_error(*_cli(command, str(folder))[::2], "model.safetensors", "corrupt")
 
 
-def test_an_integer_tensor_in_the_weights_is_refused(run):
+def _rewrite_first_tensor(checkpoint: Path, change) -> None:
+    """Replace the first tensor of ``model.safetensors`` by ``change(tensor)`` and rewrite
+    the manifest, so the checksums are fine and only the content is wrong."""
     from safetensors.torch import load_file, save_file
 
-    from minigpt.checkpoint import CheckpointError
     from minigpt.files import write_manifest
+
+    weights = checkpoint / "model.safetensors"
+    state = load_file(str(weights))
+    name = next(iter(state))
+    state[name] = change(state[name])
+    save_file(state, str(weights), metadata={"format": "minigpt"})
+    write_manifest(checkpoint)
+
+
+def test_an_integer_tensor_in_the_weights_is_refused(run):
+    from minigpt.checkpoint import CheckpointError
     from minigpt.model import GPT
 
     _, folder = run
-    weights = folder / "last" / "model.safetensors"
-    state = load_file(str(weights))
-    name = next(iter(state))
-    state[name] = state[name].to(torch.int64)
-    save_file(state, str(weights))
-    write_manifest(folder / "last")  # checksums fine: only the dtype is wrong
+    _rewrite_first_tensor(folder / "last", lambda t: t.to(torch.int64))
     with pytest.raises(CheckpointError, match="non-floating-point"):
         GPT.load(folder / "last")
     _one_line_error(*_cli("eval", str(folder))[::2], "model.safetensors", "int64")
@@ -519,17 +526,10 @@ def test_an_absurd_config_json_is_refused_before_allocating(run):
 
 
 def test_nan_weights_are_refused_by_sample_and_eval(run):
-    from safetensors.torch import load_file, save_file
-
-    from minigpt.files import write_manifest
-
     _, folder = run
-    weights = folder / "last" / "model.safetensors"
-    state = load_file(str(weights))
-    name = next(iter(state))
-    state[name][0] = float("nan")
-    save_file(state, str(weights), metadata={"format": "minigpt"})
-    write_manifest(folder / "last")
+    _rewrite_first_tensor(
+        folder / "last", lambda t: t.index_fill(0, torch.tensor([0]), float("nan"))
+    )
     for command in ("sample", "eval"):
         _one_line_error(*_cli(command, str(folder))[::2], "NaN", "model.safetensors")
 
