@@ -21,7 +21,7 @@ from minigpt.generate import generate, generate_text, stream
 from minigpt.instruct import InstructionCollator
 from minigpt.lora import LoRALinear, apply_lora, merge_lora
 from minigpt.model import GPT, GPTConfig
-from minigpt.sampling import sample_next_token
+from minigpt.sampling import SamplingConfig, sample_next_token
 from minigpt.tokenizer import GPT2_PATTERN, BPETokenizer, CharTokenizer
 from minigpt.tokens import TokenDataset
 from minigpt.train import LossHistory, TrainConfig, Trainer, TrainingDivergedError
@@ -46,6 +46,7 @@ __all__ = [
     "LoRALinear",
     "LossHistory",
     "RotaryEmbedding",
+    "SamplingConfig",
     "SinusoidalPositionalEncoding",
     "TokenDataset",
     "TrainConfig",

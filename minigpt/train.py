@@ -55,7 +55,7 @@ from minigpt.distributed import (
     setup_distributed,
 )
 from minigpt.files import check_bool, check_int, config_from_dict
-from minigpt.model import GPT
+from minigpt.model import GPT, GPTConfig
 from minigpt.optim import OptimConfig, clip_grad_norm, configure_optimizer, set_lr
 from minigpt.tokens import TokenDataset
 
@@ -556,7 +556,8 @@ class Trainer:
             raise CheckpointError(
                 f"{directory / 'trainer.json'} has an invalid train_config: {e}"
             ) from e
-        model = GPT.load(directory)
+        # built from config.json only: load_checkpoint verifies and loads the weights, once
+        model = GPT(GPTConfig.from_json(directory / "config.json"))
         trainer = cls(
             model,
             train_data,
