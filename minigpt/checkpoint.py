@@ -128,11 +128,17 @@ class RunLock:
 
     ``with RunLock(out_dir):`` takes ``<out_dir>/.lock`` (``fcntl.flock``; the lock
     goes away with the process, so a kill -9 leaves nothing to clean up) or raises
-    ``CheckpointError`` naming the folder when another process holds it.
+    ``CheckpointError`` naming the folder when another process holds it. With
+    ``wait=True`` it waits for the other process instead (the course model's cache:
+    one notebook trains it, the others wait and then load it); ``name`` is the lock
+    file's name inside the folder.
     """
 
-    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, run_dir: str | os.PathLike[str], *, wait: bool = False, name: str = LOCK_FILE
+    ) -> None:
         self.run_dir = Path(run_dir)
+        self.wait, self.name = wait, name
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:
@@ -143,7 +149,7 @@ class RunLock:
                 f"cannot create the run folder {self.run_dir} ({e.strerror}): choose a folder "
                 "you can write to (train.out_dir)"
             ) from e
-        path = self.run_dir / LOCK_FILE
+        path = self.run_dir / self.name
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
@@ -157,7 +163,7 @@ class RunLock:
             self._fd = fd
             return self
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if self.wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             os.close(fd)
             raise CheckpointError(

@@ -12,21 +12,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from minigpt.checkpoint import CheckpointError
+from minigpt.checkpoint import CheckpointError, RunLock
 from minigpt.data import cache_dir, load_text, train_val_split
 from minigpt.files import load_json, load_tensors, save_json
 from minigpt.model import GPT, GPTConfig
@@ -253,7 +251,7 @@ def shakespeare_char_model(
     folder = _model_dir(cache, steps, seed)
     if not (folder / "history.json").is_file():
         # one process trains, others (parallel notebooks) wait for it and then load
-        with _training_lock(folder):
+        with RunLock(folder.parent, wait=True, name=f".{folder.name}.lock"):
             if not (folder / "history.json").is_file():
                 _train(folder, steps=steps, seed=seed, progress=progress)
     model = GPT.load(folder)
@@ -275,23 +273,6 @@ def shakespeare_char_history(
         shakespeare_char_model(cache, steps=steps, seed=seed)
     record = load_json(folder / "history.json")
     return LossHistory.from_dict(record["history"]), float(record["full_val_loss"])
-
-
-@contextlib.contextmanager
-def _training_lock(folder: Path) -> Iterator[None]:
-    """An exclusive lock next to ``folder``; it goes away with the process that holds it."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "a") as f:
-        try:
-            import fcntl
-        except ImportError:  # Windows: no lock; a second process may train a copy too
-            yield
-            return
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _train(folder: Path, *, steps: int, seed: int, progress: bool) -> None:
