@@ -33,7 +33,10 @@ from minigpt.tokens import TokenDataset, cached_tokens
 from minigpt.train import LossHistory, TrainConfig, Trainer, validation_loss
 
 __all__ = [
+    "ASSISTANT_BASE",
     "SHAKESPEARE_CHAR",
+    "assistant_base_history",
+    "assistant_base_model",
     "from_pretrained",
     "shakespeare_char_data",
     "shakespeare_char_history",
@@ -209,24 +212,84 @@ SHAKESPEARE_CHAR: dict[str, Any] = {
 }
 
 
+# The base model of chapter 07 onwards (instruction tuning, chat, alignment): the
+# same recipe with a 256-character context, which fits the prompt template and a
+# few turns of chat, and batches of 3 x 256 tokens (the same tokens per step), for
+# 4,000 steps to stay near five CPU minutes. Its alphabet covers what fine-tuning
+# will show it (digits, symbols, French) besides Shakespeare's 65 characters; the
+# characters pretraining never saw start as untrained rows that fine-tuning fills.
+ASSISTANT_BASE: dict[str, Any] = {
+    "model": {**SHAKESPEARE_CHAR["model"], "block_size": 256},
+    "train": {**SHAKESPEARE_CHAR["train"], "batch_size": 3},
+    "steps": 4000,
+    "val_fraction": SHAKESPEARE_CHAR["val_fraction"],
+    "alphabet": "\n" + "".join(map(chr, range(32, 127))) + "àâæçéèêëîïôœùûüÿÀÂÆÇÉÈÊËÎÏÔŒÙÛÜŸ«»’",
+    "unk_token": "\ufffd",
+}
+
+
 def shakespeare_char_data(
     directory: str | os.PathLike[str] | None = None,
+    tokenizer: CharTokenizer | None = None,
 ) -> tuple[CharTokenizer, Any, Any]:
     """Tiny Shakespeare as characters: the tokenizer and the train / validation ids
-    (the last 10% of the text), token files cached in ``directory`` (default: the cache)."""
+    (the last 10% of the text), token files cached in ``directory`` (default: the cache).
+
+    The tokenizer is fitted to the text (its 65 characters) unless one is given."""
     text = load_text("tinyshakespeare")
-    tokenizer = CharTokenizer.fit(text)
+    key = "char"
+    if tokenizer is None:
+        tokenizer = CharTokenizer.fit(text)
+    else:  # token files named by the vocabulary they were encoded with
+        key += "-" + hashlib.sha256("\0".join(tokenizer.itos).encode()).hexdigest()[:8]
     ids = cached_tokens(
-        text, tokenizer.encode, vocab_size=tokenizer.vocab_size, key="char", directory=directory
+        text, tokenizer.encode, vocab_size=tokenizer.vocab_size, key=key, directory=directory
     )
     train_ids, val_ids = train_val_split(ids, SHAKESPEARE_CHAR["val_fraction"])
     return tokenizer, train_ids, val_ids
 
 
-def _model_dir(cache: str | os.PathLike[str] | None, steps: int, seed: int) -> Path:
-    recipe = json.dumps({**SHAKESPEARE_CHAR, "steps": steps, "seed": seed}, sort_keys=True)
-    digest = hashlib.sha256(recipe.encode()).hexdigest()[:12]
-    return Path(cache or cache_dir()) / "models" / f"shakespeare-char-{digest}"
+def _recipe_tokenizer(recipe: dict[str, Any]) -> CharTokenizer | None:
+    if "alphabet" not in recipe:
+        return None  # fitted to Tiny Shakespeare
+    return CharTokenizer(recipe["alphabet"], unk_token=recipe["unk_token"])
+
+
+def _model_dir(
+    cache: str | os.PathLike[str] | None, name: str, recipe: dict[str, Any], steps: int, seed: int
+) -> Path:
+    text = json.dumps({**recipe, "steps": steps, "seed": seed}, sort_keys=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return Path(cache or cache_dir()) / "models" / f"{name}-{digest}"
+
+
+def _cached_model(
+    cache: str | os.PathLike[str] | None,
+    name: str,
+    recipe: dict[str, Any],
+    steps: int | None,
+    seed: int,
+    progress: bool,
+) -> tuple[GPT, CharTokenizer, Path]:
+    """Train ``recipe`` once into the cache (under a lock) and load it."""
+    steps = recipe["steps"] if steps is None else steps
+    folder = _model_dir(cache, name, recipe, steps, seed)
+    if not (folder / "history.json").is_file():
+        # one process trains, others (parallel notebooks) wait for it and then load
+        with RunLock(folder.parent, wait=True, name=f".{folder.name}.lock"):
+            if not (folder / "history.json").is_file():
+                _train(folder, recipe, steps=steps, seed=seed, progress=progress)
+    model = GPT.load(folder)
+    try:
+        tokenizer = CharTokenizer.load(folder / "tokenizer.json")
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{folder / 'tokenizer.json'} is not a valid tokenizer: {e}") from e
+    return model.eval(), tokenizer, folder
+
+
+def _cached_history(folder: Path) -> tuple[LossHistory, float]:
+    record = load_json(folder / "history.json")
+    return LossHistory.from_dict(record["history"]), float(record["full_val_loss"])
 
 
 def shakespeare_char_model(
@@ -247,19 +310,10 @@ def shakespeare_char_model(
     CPU; ``shakespeare_char_history`` gives its loss curves and its validation loss
     on every window of the held-out text (``history.json``'s ``full_val_loss``).
     """
-    steps = SHAKESPEARE_CHAR["steps"] if steps is None else steps
-    folder = _model_dir(cache, steps, seed)
-    if not (folder / "history.json").is_file():
-        # one process trains, others (parallel notebooks) wait for it and then load
-        with RunLock(folder.parent, wait=True, name=f".{folder.name}.lock"):
-            if not (folder / "history.json").is_file():
-                _train(folder, steps=steps, seed=seed, progress=progress)
-    model = GPT.load(folder)
-    try:
-        tokenizer = CharTokenizer.load(folder / "tokenizer.json")
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{folder / 'tokenizer.json'} is not a valid tokenizer: {e}") from e
-    return model.eval(), tokenizer
+    model, tokenizer, _ = _cached_model(
+        cache, "shakespeare-char", SHAKESPEARE_CHAR, steps, seed, progress
+    )
+    return model, tokenizer
 
 
 def shakespeare_char_history(
@@ -267,24 +321,51 @@ def shakespeare_char_history(
 ) -> tuple[LossHistory, float]:
     """The loss history of ``shakespeare_char_model`` (training it first if needed) and
     its loss on every window of the validation text."""
-    steps = SHAKESPEARE_CHAR["steps"] if steps is None else steps
-    folder = _model_dir(cache, steps, seed)
-    if not (folder / "history.json").is_file():
-        shakespeare_char_model(cache, steps=steps, seed=seed)
-    record = load_json(folder / "history.json")
-    return LossHistory.from_dict(record["history"]), float(record["full_val_loss"])
+    _, _, folder = _cached_model(cache, "shakespeare-char", SHAKESPEARE_CHAR, steps, seed, False)
+    return _cached_history(folder)
 
 
-def _train(folder: Path, *, steps: int, seed: int, progress: bool) -> None:
-    tokenizer, train_ids, val_ids = shakespeare_char_data(folder.parent.parent)
-    mc = GPTConfig(vocab_size=tokenizer.vocab_size, **SHAKESPEARE_CHAR["model"])
+def assistant_base_model(
+    cache: str | os.PathLike[str] | None = None,
+    *,
+    steps: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[GPT, CharTokenizer]:
+    """The base model of the assistant chapters, and its ``CharTokenizer``.
+
+    Like ``shakespeare_char_model`` (pretrained on Tiny Shakespeare, trained once and
+    cached by recipe hash under ``<cache>/models/assistant-base-<hash>/``), with the
+    ``ASSISTANT_BASE`` recipe: a 256-character context and an alphabet with digits,
+    symbols and French letters (other characters encode to its unknown token).
+    ``minigpt.assistant`` instruction-tunes it.
+    """
+    model, tokenizer, _ = _cached_model(
+        cache, "assistant-base", ASSISTANT_BASE, steps, seed, progress
+    )
+    return model, tokenizer
+
+
+def assistant_base_history(
+    cache: str | os.PathLike[str] | None = None, *, steps: int | None = None, seed: int = 0
+) -> tuple[LossHistory, float]:
+    """The loss history and full validation loss of ``assistant_base_model``."""
+    _, _, folder = _cached_model(cache, "assistant-base", ASSISTANT_BASE, steps, seed, False)
+    return _cached_history(folder)
+
+
+def _train(folder: Path, recipe: dict[str, Any], *, steps: int, seed: int, progress: bool) -> None:
+    tokenizer, train_ids, val_ids = shakespeare_char_data(
+        folder.parent.parent, _recipe_tokenizer(recipe)
+    )
+    mc = GPTConfig(vocab_size=tokenizer.vocab_size, **recipe["model"])
     tc = TrainConfig(
         max_steps=steps,
         eval_interval=max(1, steps // 10),
         seed=seed,
         device="cpu",
         progress=progress,
-        **SHAKESPEARE_CHAR["train"],
+        **recipe["train"],
     )
     torch.manual_seed(seed)
     model = GPT(mc)

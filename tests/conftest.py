@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The folder with the course data; the test is skipped when there is none."""
     d = os.environ.get("MINIGPT_DATA_DIR")

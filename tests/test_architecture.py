@@ -35,6 +35,7 @@ LAYERS = [
     "generate",
     "classify",
     "instruct",
+    "tasks",
     "finetune",
     "exercises",
     "config",
