@@ -35,6 +35,7 @@ LAYERS = [
     "generate",
     "classify",
     "instruct",
+    "translation",
     "tasks",
     "finetune",
     "exercises",

@@ -58,6 +58,7 @@ DEV_ONLY_MODULES = [
     "matplotlib",
     "nbval",
     "pytest",
+    "sacrebleu",
     "tokenizers",
     "transformers",
 ]
