@@ -38,6 +38,7 @@ LAYERS = [
     "translation",
     "tasks",
     "finetune",
+    "assistant",
     "exercises",
     "config",
     "cli",

@@ -157,5 +157,7 @@ def test_accuracy_and_report(held_out):
 
 def test_words_come_from_tiny_shakespeare(data_dir):
     words = tasks.task_words()
-    assert len(words) > 1000 and all(w.isalpha() and w.islower() and 3 <= len(w) <= 8 for w in words)
+    assert len(words) > 1000 and all(
+        w.isalpha() and w.islower() and 3 <= len(w) <= 8 for w in words
+    )
     assert list(words) == sorted(words)
