@@ -36,7 +36,14 @@ from minigpt.instruct import (
 from minigpt.model import GPT
 from minigpt.optim import OptimConfig, clip_grad_norm, configure_optimizer, set_lr
 
-__all__ = ["FinetuneConfig", "History", "fit", "train_classifier", "train_instructions"]
+__all__ = [
+    "FinetuneConfig",
+    "History",
+    "fit",
+    "init_new_tokens",
+    "train_classifier",
+    "train_instructions",
+]
 
 History = dict[str, list[float]]
 
@@ -229,6 +236,39 @@ def _evaluate(
         return best
     trainable = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     return (score, trainable)
+
+
+@torch.no_grad()
+def init_new_tokens(model: GPT, ids: Sequence[int], seed: int = 0) -> None:
+    """Give the token ids ``ids`` fresh, distinct embeddings, in place.
+
+    A token that never occurs in the pretraining text gets no gradient as an input,
+    and as an output (with tied weights) only the push that makes it unlikely: all
+    such rows end up pointing the same way, and the model cannot tell them apart
+    (ten digits a model never saw have cosine similarity near 1). Fine-tuning then
+    has to separate them before it can copy or compare them, which is slow. Each
+    row here is redrawn like the trained rows: their per-dimension mean plus
+    Gaussian noise with their per-dimension standard deviation.
+
+    Args:
+        model: a ``GPT``; its ``wte`` (and a tied ``lm_head``) change.
+        ids: the new tokens' ids (at least one other row must stay to learn from).
+        seed: seeds the noise.
+    """
+    weight = model.wte.weight
+    new = sorted(set(int(i) for i in ids))
+    if not new:
+        return
+    if new[0] < 0 or new[-1] >= weight.shape[0]:
+        raise ValueError(f"token ids must be in 0..{weight.shape[0] - 1}, got {new[0]}..{new[-1]}")
+    keep = torch.ones(weight.shape[0], dtype=torch.bool)
+    keep[new] = False
+    if not keep.any():
+        raise ValueError("every row is new: there are no trained embeddings to imitate")
+    trained = weight[keep]
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(len(new), weight.shape[1], generator=g).to(weight)
+    weight[new] = trained.mean(dim=0) + noise * trained.std(dim=0)
 
 
 def train_classifier(
