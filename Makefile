@@ -1,6 +1,7 @@
 # Two entry points, both idempotent, both creating .venv when it is missing:
 #   make lab   - set up and open the course in JupyterLab
 #   make test  - set up and run every test: lint, unit tests, and every notebook under nbval
+# and the course in a real browser (JupyterLab + Chromium): make browser-test
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -12,7 +13,7 @@ JOBS ?= 2
 # Quiet a harmless debugger warning that Python 3.11 kernels print on stderr.
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: setup lab test lint format unit notebooks execute bench clean course-model
+.PHONY: setup setup-browser lab test browser-test lint format unit notebooks execute bench clean course-model
 
 setup: $(STAMP)
 
@@ -43,6 +44,19 @@ test: lint course-model
 
 course-model: setup
 	$(BIN)/python tools/course_model.py
+
+# The course in a real browser (tools/browser_test.py): needs Debian's Chromium
+# (apt-get install chromium) and the `browser` extra (Playwright for Python).
+BROWSER_STAMP := $(VENV)/.minigpt-browser-installed
+
+setup-browser: $(BROWSER_STAMP)
+
+$(BROWSER_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,browser]"
+	@touch $(BROWSER_STAMP)
+
+browser-test: setup-browser course-model
+	$(BIN)/python tools/browser_test.py $(BROWSER_ARGS)
 
 unit: setup
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
