@@ -201,6 +201,8 @@ def wait_idle(page, timeout_s: float, what: str) -> dict:
         s = page.evaluate(JS_STATE)
         if s["problems"]:
             return s
+        if s["kernel"] in ("dead", "autorestarting", "restarting"):
+            raise Failure(f"{what}: the kernel died (out of memory?); see jupyterlab.log")
         quiet = s["kernel"] == "idle" and s["running"] == 0
         if quiet and s["runDone"] and s["unexecuted"] == 0:
             idle_since = idle_since or time.monotonic()
