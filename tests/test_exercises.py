@@ -4,6 +4,7 @@ notebooks agree: solutions say Correct, untouched exercises say Not attempted.""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import pkgutil
@@ -115,3 +116,49 @@ def test_stored_notebooks_report_as_expected(chapter):
         assert "Not attempted yet" in text and "Correct" not in text, text
     for text in sol:
         assert ": Correct" in text and "Incorrect" not in text, text
+
+
+# ---------------------------------------------------------------- chapter-specific
+
+
+def test_ch07_sort_checker_uses_words_the_tasks_never_use(data_dir):
+    """q7's instructions cannot be looked up in make_tasks output."""
+    from minigpt.exercises import ch07
+    from minigpt.tasks import task_words
+
+    words = {w for _, sorted_words in ch07._SORT_CASES for w in sorted_words}
+    assert words and not words & set(task_words())
+    for _, sorted_words in ch07._SORT_CASES:
+        assert 2 <= len(sorted_words) <= 5 and list(sorted_words) == sorted(sorted_words)
+
+
+def test_ch07_task_row_examples_are_make_tasks_output(data_dir, monkeypatch):
+    """The stored copies q8 falls back to without the data are what make_tasks gives."""
+    from minigpt import tasks
+    from minigpt.data import DataError
+    from minigpt.exercises import ch07
+
+    real = ch07._held_out_examples()
+    assert [ex.family for ex in real] == ["sort", "convert"]
+
+    def offline(*args, **kwargs):
+        raise DataError("offline")
+
+    monkeypatch.setattr(tasks, "make_tasks", offline)
+    assert ch07._held_out_examples() == real
+
+
+def test_ch07_collator_shortcut_is_named_and_the_collator_restored():
+    from minigpt.exercises import ch07
+    from minigpt.instruct import InstructionCollator
+
+    def catches_the_refusal(prompt, answer, encode, eos_id):
+        with contextlib.suppress(Exception):
+            InstructionCollator(pad_id=0, eos_id=eos_id)([(encode(prompt), encode(answer))])
+        return ch07.q8.reference()(prompt, answer, encode, eos_id)
+
+    for answer in (catches_the_refusal, ch07.q8.wrong_answers()[-1]):
+        result = ch07.q8.check(answer)
+        assert result.status == "incorrect" and "InstructionCollator" in result.message, result
+    inputs, targets = InstructionCollator(pad_id=0, eos_id=9)([([1, 2], [3])])
+    assert inputs.tolist() == [[1, 2, 3]] and targets.tolist() == [[-100, 3, 9]]
