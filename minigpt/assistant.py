@@ -1,4 +1,5 @@
-"""The course's assistant: the base model instruction-tuned on tasks and translation.
+"""The course's assistant and translator: the base model instruction-tuned on tasks,
+and on English-French pairs.
 
 - ``task_prompt`` and ``translation_prompt`` write the prompts the assistant answers
   (the course template without Alpaca's preamble; see ``PROMPT_INTRO_USED``).
@@ -6,34 +7,38 @@
   end of the first line (the assistant learns to end its response with a newline).
 - ``evaluate_tasks`` and ``evaluate_translation`` score it on held-out tasks
   (``minigpt.tasks``) and test sentences (``minigpt.translation``).
-- ``instruction_data`` is the training mixture of ``ASSISTANT``, the recipe;
-  ``tune_assistant`` fine-tunes a base model on it, and ``assistant_model()`` is that
-  model trained once from ``minigpt.pretrained.assistant_base_model`` and cached by
-  recipe hash, like the course's other models, for chapters 07 and 08.
+- ``instruction_data`` and ``translation_data`` are the training data of the two
+  recipes, ``ASSISTANT`` and ``TRANSLATOR``; ``tuning_start`` is the base model
+  ready for fine-tuning (the characters pretraining never saw get fresh embeddings,
+  ``minigpt.finetune.init_new_tokens``), and ``tune_assistant`` fine-tunes it.
+- ``assistant_model()`` and ``translator_model()`` are those models trained once
+  from ``minigpt.pretrained.assistant_base_model`` and cached by recipe hash, like
+  the course's other models, for chapters 07 and 08.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from minigpt.checkpoint import CheckpointError, RunLock, write_checkpoint_folder
-from minigpt.data import cache_dir
+from minigpt.data import cache_dir, load_text
 from minigpt.files import load_json, save_json
-from minigpt.finetune import FinetuneConfig, History, train_instructions
+from minigpt.finetune import FinetuneConfig, History, init_new_tokens, train_instructions
 from minigpt.generate import Tokenizer, generate
 from minigpt.instruct import InstructionCollator, InstructionExample, format_prompt
 from minigpt.model import GPT
 from minigpt.pretrained import ASSISTANT_BASE, assistant_base_model
-from minigpt.tasks import TaskExample, accuracy_by_family, make_tasks
+from minigpt.tasks import FAMILIES, TaskExample, accuracy_by_family, make_tasks
 from minigpt.tokenizer import CharTokenizer
 from minigpt.translation import (
     TranslationPair,
@@ -48,14 +53,18 @@ from minigpt.translation import (
 __all__ = [
     "ASSISTANT",
     "PROMPT_INTRO_USED",
+    "TRANSLATOR",
     "assistant_model",
     "evaluate_tasks",
     "evaluate_translation",
     "instruction_data",
     "respond",
     "task_prompt",
+    "translation_data",
     "translation_prompt",
+    "translator_model",
     "tune_assistant",
+    "tuning_start",
 ]
 
 # Alpaca's one-sentence preamble is 105 characters the model reads before every
@@ -63,18 +72,20 @@ __all__ = [
 # and every step then costs half as much.
 PROMPT_INTRO_USED = ""
 
+_FINETUNE = {"batch_size": 16, "lr": 3e-3, "warmup_steps": 50, "weight_decay": 0.0}
+_FINETUNE |= {"beta2": 0.99, "grad_clip": 1.0, "seed": 0}
+# Tasks: the suite of minigpt.tasks, every family equally often (the small ones,
+# such as spelling numbers below 100, repeated), about five CPU minutes of steps.
 ASSISTANT: dict[str, Any] = {
     "base": {k: ASSISTANT_BASE[k] for k in ("model", "train", "steps", "alphabet")},
-    "tasks": {"n_per_family": 2000, "seed": 0},
-    "translation": {"test_fraction": 0.2, "seed": 0, "repeat": 2},
-    "finetune": {
-        "max_steps": 3000,
-        "batch_size": 32,
-        "lr": 2e-3,
-        "warmup_steps": 50,
-        "weight_decay": 0.0,
-        "seed": 0,
-    },
+    "tasks": {"families": list(FAMILIES), "n_per_family": 2000, "seed": 0},
+    "finetune": {**_FINETUNE, "max_steps": 3200},
+}
+# Translation: the Tatoeba training sentences (test: a fifth of the English ones).
+TRANSLATOR: dict[str, Any] = {
+    "base": ASSISTANT["base"],
+    "translation": {"test_fraction": 0.2, "seed": 0},
+    "finetune": {**_FINETUNE, "max_steps": 1500},
 }
 
 
@@ -147,20 +158,46 @@ def evaluate_translation(
 
 
 def instruction_data(recipe: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The data of ``recipe`` (default ``ASSISTANT``): ``train`` (shuffled
-    ``InstructionExample`` list: tasks and translation pairs), ``held_out`` tasks
-    (50 per family, another seed) and the translation ``test`` pairs."""
-    recipe = recipe or ASSISTANT
-    tasks = make_tasks("train", recipe["tasks"]["n_per_family"], seed=recipe["tasks"]["seed"])
-    held_out = make_tasks("held_out", 50, seed=recipe["tasks"]["seed"] + 1)
-    t = recipe["translation"]
+    """The task data of ``recipe`` (default ``ASSISTANT``): ``train``, a shuffled list of
+    ``InstructionExample`` with ``n_per_family`` of each family (repeating a family's
+    distinct examples when it has fewer), and ``held_out``, 50 tasks per family from
+    the held-out split (another seed)."""
+    t = (recipe or ASSISTANT)["tasks"]
+    train = []
+    for family in t["families"]:
+        examples = make_tasks("train", t["n_per_family"], seed=t["seed"], families=[family])
+        train += [
+            e.to_instruction()
+            for e in itertools.islice(itertools.cycle(examples), t["n_per_family"])
+        ]
+    random.Random(t["seed"]).shuffle(train)
+    held_out = make_tasks("held_out", 50, seed=t["seed"] + 1, families=t["families"])
+    return {"train": train, "held_out": held_out}
+
+
+def translation_data(recipe: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The translation data of ``recipe`` (default ``TRANSLATOR``): ``train`` (one
+    ``InstructionExample`` per training pair), and the ``train_pairs`` and
+    ``test_pairs`` of the split by English sentence."""
+    t = (recipe or TRANSLATOR)["translation"]
     train_pairs, test_pairs = split_by_source(
         load_translation_pairs(), test_fraction=t["test_fraction"], seed=t["seed"]
     )
-    train = [e.to_instruction() for e in tasks]
-    train += [translation_example(p.source, p.target) for p in train_pairs] * t["repeat"]
-    random.Random(recipe["finetune"]["seed"]).shuffle(train)
-    return {"train": train, "held_out": held_out, "test": test_pairs, "train_pairs": train_pairs}
+    train = [translation_example(p.source, p.target) for p in train_pairs]
+    return {"train": train, "train_pairs": train_pairs, "test_pairs": test_pairs}
+
+
+def tuning_start(
+    cache: str | os.PathLike[str] | None = None,
+) -> tuple[GPT, CharTokenizer, list[int]]:
+    """``assistant_base_model`` ready to fine-tune, its tokenizer, and the ids of the
+    characters Tiny Shakespeare lacks (digits, French letters, ...), whose embeddings
+    were redrawn with ``init_new_tokens``: pretraining left them all alike."""
+    model, tokenizer = assistant_base_model(cache)
+    seen = set(load_text("tinyshakespeare"))
+    new = [i for i in range(tokenizer.vocab_size) if tokenizer.decode([i]) not in seen]
+    init_new_tokens(model, new, seed=0)
+    return model, tokenizer, new
 
 
 def tune_assistant(
@@ -179,26 +216,53 @@ def tune_assistant(
     )
 
 
-def _model_dir(cache: str | os.PathLike[str] | None) -> Path:
-    digest = hashlib.sha256(json.dumps(ASSISTANT, sort_keys=True).encode()).hexdigest()[:12]
-    return Path(cache or cache_dir()) / "models" / f"assistant-{digest}"
+def _model_dir(
+    cache: str | os.PathLike[str] | None,
+    name: str,
+    recipe: dict[str, Any],
+    train: Sequence[InstructionExample],
+) -> Path:
+    """The cache folder, named by a hash of the recipe and of the training data itself
+    (so a change to the task generator or the data file trains a new model)."""
+    examples = [[e.instruction, e.input, e.output] for e in train]
+    text = json.dumps({"recipe": recipe, "train": examples}, sort_keys=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return Path(cache or cache_dir()) / "models" / f"{name}-{digest}"
 
 
 def assistant_model(
     cache: str | os.PathLike[str] | None = None,
 ) -> tuple[GPT, CharTokenizer, dict[str, Any]]:
-    """The course's assistant: ``assistant_base_model`` tuned with ``ASSISTANT``.
+    """The course's assistant: ``tuning_start`` tuned on tasks with ``ASSISTANT``.
 
     The first call fine-tunes it (a few CPU minutes, after the base model's own)
     and saves it under ``<cache>/models/assistant-<recipe hash>/``; later calls load
     it. Returns the model (eval mode, CPU), its tokenizer, and the training record:
     ``{"history": {"step", "loss"}, "seconds": training time}``.
     """
-    folder = _model_dir(cache)
+    return _cached(cache, "assistant", ASSISTANT, lambda: instruction_data()["train"])
+
+
+def translator_model(
+    cache: str | os.PathLike[str] | None = None,
+) -> tuple[GPT, CharTokenizer, dict[str, Any]]:
+    """The course's translator: ``tuning_start`` tuned on the Tatoeba training pairs
+    with ``TRANSLATOR``, cached like ``assistant_model`` (``translator-<hash>``)."""
+    return _cached(cache, "translator", TRANSLATOR, lambda: translation_data()["train"])
+
+
+def _cached(
+    cache: str | os.PathLike[str] | None,
+    name: str,
+    recipe: dict[str, Any],
+    train: Callable[[], list[InstructionExample]],
+) -> tuple[GPT, CharTokenizer, dict[str, Any]]:
+    examples = train()
+    folder = _model_dir(cache, name, recipe, examples)
     if not (folder / "record.json").is_file():
         with RunLock(folder.parent, wait=True, name=f".{folder.name}.lock"):
             if not (folder / "record.json").is_file():
-                _tune(folder, cache)
+                _tune(folder, cache, recipe, examples)
     model = GPT.load(folder)
     try:
         tokenizer = CharTokenizer.load(folder / "tokenizer.json")
@@ -207,13 +271,15 @@ def assistant_model(
     return model.eval(), tokenizer, load_json(folder / "record.json")
 
 
-def _tune(folder: Path, cache: str | os.PathLike[str] | None) -> None:
-    model, tokenizer = assistant_base_model(cache)
-    data = instruction_data()
+def _tune(
+    folder: Path,
+    cache: str | os.PathLike[str] | None,
+    recipe: dict[str, Any],
+    train: list[InstructionExample],
+) -> None:
+    model, tokenizer, _ = tuning_start(cache)
     start = time.perf_counter()
-    history = tune_assistant(
-        model, tokenizer, data["train"], FinetuneConfig(**ASSISTANT["finetune"])
-    )
+    history = tune_assistant(model, tokenizer, train, FinetuneConfig(**recipe["finetune"]))
     record = {"history": history, "seconds": time.perf_counter() - start}
 
     def write(tmp: Path) -> None:

@@ -132,22 +132,6 @@ def test_ch07_sort_checker_uses_words_the_tasks_never_use(data_dir):
         assert 2 <= len(sorted_words) <= 5 and list(sorted_words) == sorted(sorted_words)
 
 
-def test_ch07_task_row_examples_are_make_tasks_output(data_dir, monkeypatch):
-    """The stored copies q8 falls back to without the data are what make_tasks gives."""
-    from minigpt import tasks
-    from minigpt.data import DataError
-    from minigpt.exercises import ch07
-
-    real = ch07._held_out_examples()
-    assert [ex.family for ex in real] == ["sort", "convert"]
-
-    def offline(*args, **kwargs):
-        raise DataError("offline")
-
-    monkeypatch.setattr(tasks, "make_tasks", offline)
-    assert ch07._held_out_examples() == real
-
-
 def test_ch07_collator_shortcut_is_named_and_the_collator_restored():
     from minigpt.exercises import ch07
     from minigpt.instruct import InstructionCollator

@@ -1,9 +1,10 @@
-"""Train (or load) the cached course model before the notebooks need it.
+"""Train (or load) the cached course models before the notebooks need them.
 
     python tools/course_model.py
 
-`make test` runs this first: the course model (``minigpt.pretrained``) takes a few
-minutes to train from an empty cache, and a notebook cell that waited for it would
+`make test` runs this first: the course model (``minigpt.pretrained``), the
+assistant base model, and the assistant and translator tuned from it
+(``minigpt.assistant``) take a few minutes each to train from an empty cache, and a notebook cell that waited for it would
 run into nbval's cell timeout. It trains with one thread, as the notebook kernels
 do (see conftest.py), so the model is bit for bit the one the stored outputs came
 from. Like conftest.py, it reads the data from ../shared/data beside the checkout
@@ -23,7 +24,13 @@ shared = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if "MINIGPT_DATA_DIR" not in os.environ and shared.is_dir():
     os.environ["MINIGPT_DATA_DIR"] = str(shared)
 
-from minigpt.pretrained import shakespeare_char_history, shakespeare_char_model  # noqa: E402
+from minigpt.assistant import assistant_model, translator_model  # noqa: E402
+from minigpt.pretrained import (  # noqa: E402
+    assistant_base_history,
+    assistant_base_model,
+    shakespeare_char_history,
+    shakespeare_char_model,
+)
 
 
 def main() -> int:
@@ -34,6 +41,18 @@ def main() -> int:
         f"course model ready in {time.perf_counter() - start:.0f} s: "
         f"{model.num_parameters():,} parameters, validation loss {val:.3f}"
     )
+    start = time.perf_counter()
+    assistant_base_model(progress=sys.stderr.isatty())
+    _, val = assistant_base_history()
+    print(
+        f"assistant base model ready in {time.perf_counter() - start:.0f} s: validation loss {val:.3f}"
+    )
+    for name, build in (("assistant", assistant_model), ("translator", translator_model)):
+        start = time.perf_counter()
+        _, _, record = build()
+        print(
+            f"{name} ready in {time.perf_counter() - start:.0f} s (trained in {record['seconds']:.0f} s)"
+        )
     return 0
 
 

@@ -458,24 +458,18 @@ def _without_collator(fn, *args):
 
 
 def _held_out_examples():
-    """A sort and a convert task from the held-out split (copies when the data is missing)."""
-    from minigpt.data import DataError
-    from minigpt.tasks import TaskExample, make_tasks
+    """A sort and a convert task of the held-out split (stored: the check needs no data)."""
+    from minigpt.tasks import TaskExample
 
-    try:
-        return make_tasks("held_out", 1, families=["sort", "convert"])
-    except DataError:  # no Tiny Shakespeare offline: the same examples, stored
-        return [
-            TaskExample(
-                "sort",
-                "Put in alphabetical order: attend, front, sky.",
-                "attend, front, sky",
-                ("attend", "front", "sky"),
-            ),
-            TaskExample(
-                "convert", "Convert 57 liters to milliliters.", "57000 milliliters", ("57",)
-            ),
-        ]
+    return [
+        TaskExample(
+            "sort",
+            "Put in alphabetical order: attend, frost, sleep.",
+            "attend, frost, sleep",
+            ("attend", "frost", "sleep"),
+        ),
+        TaskExample("convert", "Convert 57 liters to milliliters.", "57000 milliliters", ("57",)),
+    ]
 
 
 def _printable_encoder():
