@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -33,26 +35,36 @@ from minigpt.pretrained import (  # noqa: E402
 )
 
 
-def main() -> int:
+def shakespeare() -> str:
     start = time.perf_counter()
-    model, _ = shakespeare_char_model(progress=sys.stderr.isatty())
+    model, _ = shakespeare_char_model()
     _, val = shakespeare_char_history()
-    print(
+    return (
         f"course model ready in {time.perf_counter() - start:.0f} s: "
         f"{model.num_parameters():,} parameters, validation loss {val:.3f}"
     )
-    start = time.perf_counter()
-    assistant_base_model(progress=sys.stderr.isatty())
-    _, val = assistant_base_history()
-    print(
-        f"assistant base model ready in {time.perf_counter() - start:.0f} s: validation loss {val:.3f}"
-    )
-    for name, build in (("assistant", assistant_model), ("translator", translator_model)):
+
+
+def main() -> int:
+    # Two chains of one-thread trainings, one per core: the Shakespeare course model
+    # in a second process, the assistant's base, tasks and translation models here.
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        course = pool.submit(shakespeare)
         start = time.perf_counter()
-        _, _, record = build()
+        assistant_base_model(progress=sys.stderr.isatty())
+        _, val = assistant_base_history()
         print(
-            f"{name} ready in {time.perf_counter() - start:.0f} s (trained in {record['seconds']:.0f} s)"
+            f"assistant base model ready in {time.perf_counter() - start:.0f} s: "
+            f"validation loss {val:.3f}"
         )
+        for name, build in (("assistant", assistant_model), ("translator", translator_model)):
+            start = time.perf_counter()
+            _, _, record = build()
+            print(
+                f"{name} ready in {time.perf_counter() - start:.0f} s "
+                f"(trained in {record['seconds']:.0f} s)"
+            )
+        print(course.result())
     return 0
 
 
