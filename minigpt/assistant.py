@@ -30,14 +30,12 @@ from typing import Any
 
 import torch
 
-from minigpt.checkpoint import CheckpointError, RunLock, write_checkpoint_folder
 from minigpt.data import cache_dir, load_text
-from minigpt.files import load_json, save_json
 from minigpt.finetune import FinetuneConfig, History, init_new_tokens, train_instructions
 from minigpt.generate import Tokenizer, generate
 from minigpt.instruct import InstructionCollator, InstructionExample, format_prompt
 from minigpt.model import GPT
-from minigpt.pretrained import ASSISTANT_BASE, assistant_base_model
+from minigpt.pretrained import ASSISTANT_BASE, assistant_base_model, cached_model
 from minigpt.tasks import FAMILIES, TaskExample, accuracy_by_family, make_tasks
 from minigpt.tokenizer import CharTokenizer
 from minigpt.translation import (
@@ -259,32 +257,15 @@ def _cached(
 ) -> tuple[GPT, CharTokenizer, dict[str, Any]]:
     examples = train()
     folder = _model_dir(cache, name, recipe, examples)
-    if not (folder / "record.json").is_file():
-        with RunLock(folder.parent, wait=True, name=f".{folder.name}.lock"):
-            if not (folder / "record.json").is_file():
-                _tune(folder, cache, recipe, examples)
-    model = GPT.load(folder)
-    try:
-        tokenizer = CharTokenizer.load(folder / "tokenizer.json")
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{folder / 'tokenizer.json'} is not a valid tokenizer: {e}") from e
-    return model.eval(), tokenizer, load_json(folder / "record.json")
+    return cached_model(folder, lambda: _tune(cache, recipe, examples))
 
 
 def _tune(
-    folder: Path,
     cache: str | os.PathLike[str] | None,
     recipe: dict[str, Any],
     train: list[InstructionExample],
-) -> None:
+) -> tuple[GPT, CharTokenizer, dict[str, Any]]:
     model, tokenizer, _ = tuning_start(cache)
     start = time.perf_counter()
     history = tune_assistant(model, tokenizer, train, FinetuneConfig(**recipe["finetune"]))
-    record = {"history": history, "seconds": time.perf_counter() - start}
-
-    def write(tmp: Path) -> None:
-        model.save(tmp)
-        tokenizer.save(tmp / "tokenizer.json")
-        save_json(record, tmp / "record.json")
-
-    write_checkpoint_folder(folder, write)
+    return model, tokenizer, {"history": history, "seconds": time.perf_counter() - start}

@@ -16,15 +16,14 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from minigpt.checkpoint import CheckpointError, RunLock
+from minigpt.checkpoint import CheckpointError, RunLock, write_checkpoint_folder
 from minigpt.data import cache_dir, load_text, train_val_split
 from minigpt.files import load_json, load_tensors, save_json
 from minigpt.model import GPT, GPTConfig
@@ -37,6 +36,7 @@ __all__ = [
     "SHAKESPEARE_CHAR",
     "assistant_base_history",
     "assistant_base_model",
+    "cached_model",
     "from_pretrained",
     "shakespeare_char_data",
     "shakespeare_char_history",
@@ -263,6 +263,39 @@ def _model_dir(
     return Path(cache or cache_dir()) / "models" / f"{name}-{digest}"
 
 
+def cached_model(
+    folder: str | os.PathLike[str],
+    build: Callable[[], tuple[GPT, CharTokenizer, dict[str, Any]]],
+    record: str = "record.json",
+) -> tuple[GPT, CharTokenizer, dict[str, Any]]:
+    """Load the model cached in ``folder``, building it first if it is not there.
+
+    ``build()`` returns ``(model, tokenizer, record)``; it runs once, under a lock on
+    the parent folder, so parallel processes (notebooks under test) wait for the one
+    that builds instead of building too. The folder is written atomically
+    (``write_checkpoint_folder``), with the JSON ``record`` file, which marks it
+    complete. Returns the model (eval mode, CPU), its tokenizer and the record.
+    """
+    folder = Path(folder)
+    if not (folder / record).is_file():
+        with RunLock(folder.parent, wait=True, name=f".{folder.name}.lock"):
+            if not (folder / record).is_file():
+                model, tokenizer, data = build()
+
+                def write(tmp: Path) -> None:
+                    model.save(tmp)
+                    tokenizer.save(tmp / "tokenizer.json")
+                    save_json(data, tmp / record)
+
+                write_checkpoint_folder(folder, write)
+    model = GPT.load(folder)
+    try:
+        tokenizer = CharTokenizer.load(folder / "tokenizer.json")
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{folder / 'tokenizer.json'} is not a valid tokenizer: {e}") from e
+    return model.eval(), tokenizer, load_json(folder / record)
+
+
 def _cached_model(
     cache: str | os.PathLike[str] | None,
     name: str,
@@ -270,25 +303,18 @@ def _cached_model(
     steps: int | None,
     seed: int,
     progress: bool,
-) -> tuple[GPT, CharTokenizer, Path]:
-    """Train ``recipe`` once into the cache (under a lock) and load it."""
+) -> tuple[GPT, CharTokenizer, dict[str, Any]]:
+    """Train ``recipe`` once into the cache and load it, with its history record."""
     steps = recipe["steps"] if steps is None else steps
     folder = _model_dir(cache, name, recipe, steps, seed)
-    if not (folder / "history.json").is_file():
-        # one process trains, others (parallel notebooks) wait for it and then load
-        with RunLock(folder.parent, wait=True, name=f".{folder.name}.lock"):
-            if not (folder / "history.json").is_file():
-                _train(folder, recipe, steps=steps, seed=seed, progress=progress)
-    model = GPT.load(folder)
-    try:
-        tokenizer = CharTokenizer.load(folder / "tokenizer.json")
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{folder / 'tokenizer.json'} is not a valid tokenizer: {e}") from e
-    return model.eval(), tokenizer, folder
+    return cached_model(
+        folder,
+        lambda: _train(folder, recipe, steps=steps, seed=seed, progress=progress),
+        record="history.json",
+    )
 
 
-def _cached_history(folder: Path) -> tuple[LossHistory, float]:
-    record = load_json(folder / "history.json")
+def _cached_history(record: dict[str, Any]) -> tuple[LossHistory, float]:
     return LossHistory.from_dict(record["history"]), float(record["full_val_loss"])
 
 
@@ -321,8 +347,8 @@ def shakespeare_char_history(
 ) -> tuple[LossHistory, float]:
     """The loss history of ``shakespeare_char_model`` (training it first if needed) and
     its loss on every window of the validation text."""
-    _, _, folder = _cached_model(cache, "shakespeare-char", SHAKESPEARE_CHAR, steps, seed, False)
-    return _cached_history(folder)
+    _, _, record = _cached_model(cache, "shakespeare-char", SHAKESPEARE_CHAR, steps, seed, False)
+    return _cached_history(record)
 
 
 def assistant_base_model(
@@ -350,11 +376,13 @@ def assistant_base_history(
     cache: str | os.PathLike[str] | None = None, *, steps: int | None = None, seed: int = 0
 ) -> tuple[LossHistory, float]:
     """The loss history and full validation loss of ``assistant_base_model``."""
-    _, _, folder = _cached_model(cache, "assistant-base", ASSISTANT_BASE, steps, seed, False)
-    return _cached_history(folder)
+    _, _, record = _cached_model(cache, "assistant-base", ASSISTANT_BASE, steps, seed, False)
+    return _cached_history(record)
 
 
-def _train(folder: Path, recipe: dict[str, Any], *, steps: int, seed: int, progress: bool) -> None:
+def _train(
+    folder: Path, recipe: dict[str, Any], *, steps: int, seed: int, progress: bool
+) -> tuple[GPT, CharTokenizer, dict[str, Any]]:
     tokenizer, train_ids, val_ids = shakespeare_char_data(
         folder.parent.parent, _recipe_tokenizer(recipe)
     )
@@ -377,16 +405,4 @@ def _train(folder: Path, recipe: dict[str, Any], *, steps: int, seed: int, progr
     )
     history = trainer.train()
     record = {"history": history.to_dict(), "full_val_loss": validation_loss(model, val_ids)}
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
-        model.save(tmp)
-        tokenizer.save(tmp / "tokenizer.json")
-        save_json(record, tmp / "history.json")  # written last: marks it complete
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if not (folder / "history.json").is_file():  # not just another process finishing first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return model, tokenizer, record
