@@ -1,8 +1,9 @@
-"""The ``minigpt`` command: train, sample from and evaluate models.
+"""The ``minigpt`` command: train, sample from, evaluate and chat with models.
 
     minigpt train [CONFIG] [--key=value ...] [--resume | --overwrite]   # e.g. configs/shakespeare_char.json
     minigpt sample CHECKPOINT --prompt "ROMEO:" [--max-new-tokens 200] [--temperature 0.8]
     minigpt eval CHECKPOINT [--iters 50]
+    minigpt chat CHECKPOINT [--system TEXT] [--max-new-tokens 64]   # /reset, /exit; Ctrl-C: 130
 
 ``CONFIG`` is a JSON (or TOML) file with up to three sections, every key optional::
 
@@ -383,6 +384,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_chat(args: argparse.Namespace) -> int:
+    directory, model, tokenizer = _load_checkpoint(
+        args.checkpoint,
+        lambda c: 8 * c.n_layer * c.block_size * c.n_embd,  # the KV cache
+    )
+    from minigpt.chat import ChatSession, ChatTemplate, run_repl
+    from minigpt.sampling import SamplingConfig
+
+    try:
+        template = ChatTemplate(tokenizer)
+    except ValueError as e:
+        raise SystemExit(f"{directory / 'tokenizer.json'}: {e}") from e
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    session = ChatSession(model, template, args.system, args.max_new_tokens, sampling)
+    return run_repl(session, sys.stdin, sys.stdout, sys.stderr)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (``main`` prints it) instead of the usage text."""
 
@@ -451,6 +469,15 @@ def main(argv: list[str] | None = None) -> int:
         "--text-file", default=None, help="evaluate on this text instead of the run's data"
     )
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("chat", help="chat with a checkpoint tuned for chat (lines from stdin)")
+    p.add_argument("checkpoint", help="a checkpoint folder or a run folder (uses its last/)")
+    p.add_argument("--system", default=None, help="a system message for the whole chat")
+    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=64)
+    p.add_argument("--temperature", type=_finite_float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=_int_at_least(1), default=None)
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.set_defaults(func=_cmd_chat)
 
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv

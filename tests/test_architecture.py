@@ -39,6 +39,8 @@ LAYERS = [
     "tasks",
     "finetune",
     "assistant",
+    "chat",
+    "conversations",
     "exercises",
     "config",
     "cli",

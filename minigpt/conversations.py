@@ -1,0 +1,231 @@
+"""Conversations to learn chat from, and fine-tuning on them.
+
+Chapter 07's tasks (``minigpt.tasks``) are one question and one answer. A chat needs
+turns that depend on each other, so ``multi_turn_conversations`` continues a task with
+follow-up questions about the previous answer, each with its one right answer::
+
+    user:       Convert "seed" to upper case.      assistant:  SEED
+    user:       Then write it backwards.           assistant:  DEES
+    user:       How many letters are in it?        assistant:  4
+
+A model can only answer the follow-up from the conversation: the word is not in it.
+Every turn is a ``TaskExample`` (``minigpt.tasks.check`` scores a reply), the
+conversations are deterministic from a seed, and a held-out conversation is built on
+a held-out task (``make_tasks``), so its words and numbers never occur in training.
+
+``ChatCollator`` pads conversations encoded by ``minigpt.chat.encode_chat`` into a
+batch whose targets are masked (-100) outside the assistant's turns, and
+``train_chat`` fine-tunes a model on conversations with it (``minigpt.finetune.fit``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from minigpt.chat import ChatTemplate, Message, encode_chat
+from minigpt.classify import IGNORE_INDEX
+from minigpt.finetune import FinetuneConfig, History, fit
+from minigpt.instruct import instruction_loss
+from minigpt.model import GPT
+from minigpt.tasks import TaskExample, make_tasks, number_in_words
+
+__all__ = [
+    "FIRST_TURNS",
+    "FOLLOW_UPS",
+    "FOLLOW_UP_FAMILIES",
+    "ChatCollator",
+    "Conversation",
+    "multi_turn_conversations",
+    "train_chat",
+]
+
+# ---------------------------------------------------------------- task conversations
+
+
+def _is_word(answer: str) -> bool:
+    return answer.isascii() and answer.isalpha()
+
+
+def _is_number(answer: str) -> bool:
+    return answer.isascii() and answer.isdigit() and int(answer) < 999
+
+
+# name -> (phrasings, does it apply to the previous answer?, the new answer). The
+# phrasings use only words of the task instructions, never a task word (tasks.py keeps
+# those out of the word list), so no held-out word is ever seen in training.
+FOLLOW_UPS: dict[str, tuple[tuple[str, ...], Callable[[str], bool], Callable[[str], str]]] = {
+    "backwards": (("Then write it backwards.", "And backwards?"), _is_word, lambda a: a[::-1]),
+    "upper": (("And in upper case?", "Then in capital letters."), _is_word, str.upper),
+    "lower": (("And in lower case?", "Then in small letters."), _is_word, str.lower),
+    "length": (
+        ("How many letters are in it?", "Count the letters in it."),
+        _is_word,
+        lambda a: str(len(a)),
+    ),
+    "in_words": (
+        ("Write it in words.", "Spell it out in English words."),
+        _is_number,
+        lambda a: number_in_words(int(a)),
+    ),
+    "plus_one": (("Add one to it.", "What is it plus one?"), _is_number, lambda a: str(int(a) + 1)),
+}
+# The task families whose answers are one word or one number, which follow-ups take.
+FOLLOW_UP_FAMILIES = ("uppercase", "lowercase", "last_letter", "last_upper", "count", "compare")
+FOLLOW_UP_FAMILIES += ("reverse", "reverse_upper", "add", "subtract")
+# The default first turns: families the course's assistant learned (tasks.FAMILIES).
+FIRST_TURNS = ("uppercase", "lowercase", "compare", "count")
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A task conversation: ``turns[0]`` a ``minigpt.tasks`` example, each later turn a
+    follow-up about the previous answer, as a ``TaskExample`` (family: the follow-up's
+    name, inputs: the first turn's), so ``minigpt.tasks.check`` scores every reply."""
+
+    turns: tuple[TaskExample, ...]
+    system: str | None = None
+
+    def messages(self) -> list[Message]:
+        """The whole conversation, every turn answered: training data."""
+        return [*self.prompt(len(self.turns) - 1), Message("assistant", self.turns[-1].answer)]
+
+    def prompt(self, turn: int) -> list[Message]:
+        """The conversation up to turn ``turn``'s question (0-based), earlier turns answered."""
+        if not 0 <= turn < len(self.turns):
+            raise ValueError(f"turn must be in 0..{len(self.turns) - 1}, got {turn}")
+        out = [Message("system", self.system)] if self.system is not None else []
+        for t in self.turns[:turn]:
+            out += [Message("user", t.instruction), Message("assistant", t.answer)]
+        return [*out, Message("user", self.turns[turn].instruction)]
+
+
+def _changes(name: str, answer: str) -> bool:
+    _, applies, follow = FOLLOW_UPS[name]
+    return applies(answer) and follow(answer) != answer
+
+
+def _follow_ups(answer: str, last: bool) -> list[str]:
+    """The follow-ups that change ``answer``; unless ``last``, only those whose own
+    answer takes another follow-up (so a conversation never runs out of questions)."""
+    names = [n for n in FOLLOW_UPS if _changes(n, answer)]
+    if last:
+        return names
+    return [n for n in names if any(_changes(m, FOLLOW_UPS[n][2](answer)) for m in FOLLOW_UPS)]
+
+
+def multi_turn_conversations(
+    split: str = "train",
+    n: int = 100,
+    seed: int = 0,
+    turns: int = 2,
+    families: Sequence[str] | None = None,
+    system: str | None = None,
+) -> list[Conversation]:
+    """``n`` task conversations of ``turns`` turns, deterministic from ``seed``.
+
+    The first turn is a ``make_tasks`` example of ``split`` (the families taken in
+    turn: default ``FIRST_TURNS``, any of ``FOLLOW_UP_FAMILIES``); each later turn asks
+    a ``FOLLOW_UPS`` question about the previous answer ("Then write it backwards.")
+    whose answer differs from it, drawn from a generator seeded by ``seed``, the split
+    and the first instruction (so a conversation does not change with ``n``). The
+    inputs are those of the first turn, so held-out conversations use held-out words
+    and numbers only. Fewer than ``n`` when the families run out of distinct tasks.
+    """
+    names = FIRST_TURNS if families is None else tuple(dict.fromkeys(families))
+    unknown = [f for f in names if f not in FOLLOW_UP_FAMILIES]
+    if unknown or not names:
+        raise ValueError(
+            f"families {unknown or names} take no follow-ups; choose from {FOLLOW_UP_FAMILIES}"
+        )
+    if isinstance(turns, bool) or not isinstance(turns, int) or turns < 2:
+        raise ValueError(
+            f"turns must be an integer >= 2 (a question and a follow-up), got {turns!r}"
+        )
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    if system is not None:
+        Message("system", system)
+    per_family = [make_tasks(split, math.ceil(n / len(names)), seed, [f]) for f in names]
+    firsts = [ex for group in zip(*per_family) for ex in group]  # round robin
+    firsts += [ex for group in per_family for ex in group[min(map(len, per_family)) :]]
+    out = []
+    for first in firsts[:n]:
+        rng = random.Random(f"{seed}/{split}/chat/{first.instruction}")
+        chain = [first]
+        for k in range(1, turns):
+            name = rng.choice(_follow_ups(chain[-1].answer, last=k == turns - 1))
+            phrasings, _, answer = FOLLOW_UPS[name]
+            chain.append(
+                TaskExample(name, rng.choice(phrasings), answer(chain[-1].answer), first.inputs)
+            )
+        out.append(Conversation(tuple(chain), system))
+    return out
+
+
+# ---------------------------------------------------------------- training
+
+
+class ChatCollator:
+    """Pad a batch of ``(ids, loss_mask)`` pairs (``encode_chat``) into ``(inputs, targets)``.
+
+    Inputs are all but the last token, targets all but the first; a target whose token
+    is off in the mask, and every padding position, is ``ignore_index`` (-100, which
+    ``GPT``'s loss skips). Sequences longer than ``max_length + 1`` are cut at the end.
+    Returns two (B, T) long tensors.
+    """
+
+    def __init__(
+        self, pad_id: int, max_length: int | None = None, ignore_index: int = IGNORE_INDEX
+    ) -> None:
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be at least 1, got {max_length}")
+        self.pad_id, self.max_length, self.ignore_index = pad_id, max_length, ignore_index
+
+    def __call__(
+        self, batch: Sequence[tuple[Sequence[int], Sequence[bool]]]
+    ) -> tuple[Tensor, Tensor]:
+        if not batch:
+            raise ValueError("cannot collate an empty batch")
+        rows = []
+        for ids, mask in batch:
+            if len(ids) != len(mask) or len(ids) < 2:
+                raise ValueError("each example needs ids and a mask of one length, at least 2")
+            if self.max_length is not None:
+                ids, mask = ids[: self.max_length + 1], mask[: self.max_length + 1]
+            targets = [t if m else self.ignore_index for t, m in zip(ids[1:], mask[1:])]
+            rows.append((list(ids[:-1]), targets))
+        T = max(len(i) for i, _ in rows)
+        inputs = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
+        targets = torch.full((len(rows), T), self.ignore_index, dtype=torch.long)
+        for b, (i, t) in enumerate(rows):
+            inputs[b, : len(i)] = torch.tensor(i, dtype=torch.long)
+            targets[b, : len(t)] = torch.tensor(t, dtype=torch.long)
+        return inputs, targets
+
+
+def train_chat(
+    model: GPT,
+    template: ChatTemplate,
+    conversations: Sequence[Sequence[Message]],
+    config: FinetuneConfig | None = None,
+) -> History:
+    """Fine-tune ``model`` on conversations, scoring the assistant's turns only
+    (``encode_chat``'s mask); conversations are cut at ``config.max_length`` (default
+    the block size). Returns ``fit``'s history (``step``, ``loss``)."""
+    cfg = config or FinetuneConfig()
+    device = next(model.parameters()).device
+    encoded = [encode_chat(template, c) for c in conversations]
+    collate = ChatCollator(template.end_id, cfg.max_length or model.config.block_size)
+
+    def loss_fn(batch: list[tuple[list[int], list[bool]]]) -> Tensor:
+        inputs, targets = collate(batch)
+        return instruction_loss(model, inputs.to(device), targets.to(device))
+
+    lengths = [len(ids) for ids, _ in encoded] if cfg.bucket_by_length else None
+    return fit(model, loss_fn, encoded, cfg, lengths=lengths)
