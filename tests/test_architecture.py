@@ -39,6 +39,7 @@ LAYERS = [
     "tasks",
     "finetune",
     "assistant",
+    "inspect",
     "exercises",
     "config",
     "cli",
