@@ -355,7 +355,6 @@ def ablation_loss_increase(
 ) -> float:
     """Next-token loss on ``ids`` (B, T) with ``heads`` ablated, minus the loss without."""
     _check_ids(ids, min_len=2)
-    heads = list(heads)
     with ablate_heads(model, heads, mode):  # checks model and heads before any work
         ablated = _token_losses(model, ids).mean()
     return float(ablated - _token_losses(model, ids).mean())
@@ -389,7 +388,10 @@ def _clean_run(
     """Check a clean/corrupted pair and record the clean residual stream at ``layers``."""
     _check_ids(clean_ids, "clean_ids")
     if not isinstance(corrupted_ids, Tensor) or corrupted_ids.shape != clean_ids.shape:
-        raise ValueError(f"corrupted_ids must have clean_ids' shape {tuple(clean_ids.shape)}")
+        got = tuple(corrupted_ids.shape) if isinstance(corrupted_ids, Tensor) else corrupted_ids
+        raise ValueError(
+            f"corrupted_ids must have the shape of clean_ids, {tuple(clean_ids.shape)}, got {got}"
+        )
     with capture(model, layers, attention=False) as rec:
         model(clean_ids)
     return rec

@@ -446,7 +446,9 @@ def test_patching_errors():
         patch(model, x, x, 2, 0, last_logit)
     with pytest.raises(ValueError, match=r"position must be in -12\.\.11"):
         patch(model, x, x, 0, 12, last_logit)
-    with pytest.raises(ValueError, match="corrupted_ids must have clean_ids' shape"):
+    with pytest.raises(
+        ValueError, match=r"corrupted_ids must have the shape of clean_ids, \(2, 12\), got \(2, 5\)"
+    ):
         patching_map(model, x, x[:, :5], last_logit)
 
 
@@ -460,6 +462,7 @@ def test_a_probe_reads_separable_features_and_not_random_labels():
     margin = (features @ direction).abs() > 0.3 * (features @ direction).std()
     features = features[margin][:600]  # separable with a margin
     labels = (features @ direction > 0).long()
+    features = features + torch.arange(10.0) * 5  # far from the origin: the bias matters
     probe = linear_probe(features, labels)
     assert probe.train_accuracy == 1.0 and probe.test_accuracy >= 0.99
     predicted = (features @ probe.weight.T + probe.bias).argmax(-1)  # on the raw features
