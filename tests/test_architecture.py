@@ -41,6 +41,7 @@ LAYERS = [
     "assistant",
     "chat",
     "conversations",
+    "inspect",
     "exercises",
     "config",
     "cli",
