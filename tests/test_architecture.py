@@ -39,6 +39,7 @@ LAYERS = [
     "tasks",
     "finetune",
     "assistant",
+    "preference",
     "exercises",
     "config",
     "cli",
