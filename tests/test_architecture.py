@@ -40,6 +40,7 @@ LAYERS = [
     "finetune",
     "assistant",
     "preference",
+    "align",
     "exercises",
     "config",
     "cli",
