@@ -1,7 +1,9 @@
 """Instruction tuning: the data, the prompt template, and a loss on the responses only.
 
 - ``load_instructions`` reads Alpaca-style records (``instruction``, ``input``,
-  ``output``) from a JSON list or JSON Lines, naming the file and line of a bad one.
+  ``output``) from a JSON list or JSON Lines, naming the file and line of a bad one;
+  ``read_json_records`` is the reading underneath, for other records of that kind
+  (``minigpt.align``'s preference pairs).
 - ``format_prompt`` writes the prompt template, ending where the response begins.
 - ``InstructionCollator`` pads a batch and masks the prompt and the padding out of
   the loss (target -100, which ``GPT`` ignores), so the model learns to answer,
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,7 @@ __all__ = [
     "format_prompt",
     "instruction_loss",
     "load_instructions",
+    "read_json_records",
     "tokenize_instruction",
 ]
 
@@ -87,6 +90,26 @@ def _json_records(file: Path, text: str) -> Iterable[tuple[int, object]]:
             raise DataFormatError(f"{file}, line {lineno(pos)}: expected ',' or ']' in the list")
 
 
+def read_json_records(path: str | os.PathLike[str]) -> Iterator[tuple[int, object]]:
+    """``(line, value)`` for each element of a JSON list, or each line of JSON Lines,
+    read as they come (a caller's error about one record comes before a syntax error
+    further down).
+
+    ``line`` is where the value starts, for error messages that name it. A UTF-8
+    byte-order mark is dropped.
+
+    Raises:
+        DataFormatError: a file that is not UTF-8 or not valid JSON, naming the file
+            and the line.
+    """
+    file = Path(path)
+    try:
+        text = file.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f"{file} is not UTF-8 text: {e}") from e
+    yield from _json_records(file, text)
+
+
 def load_instructions(path: str | os.PathLike[str] | None = None) -> list[InstructionExample]:
     """Instruction data as ``InstructionExample`` records.
 
@@ -101,12 +124,8 @@ def load_instructions(path: str | os.PathLike[str] | None = None) -> list[Instru
             fields, naming the file and the line where the record starts.
     """
     file = Path(path) if path is not None else data.path("instruction-data")
-    try:
-        text = file.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataFormatError(f"{file} is not UTF-8 text: {e}") from e
     out = []
-    for lineno, rec in _json_records(file, text):
+    for lineno, rec in read_json_records(file):
         if not isinstance(rec, dict):
             raise DataFormatError(
                 f"{file}, line {lineno}: expected an object with 'instruction' and "

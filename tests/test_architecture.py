@@ -41,6 +41,8 @@ LAYERS = [
     "assistant",
     "chat",
     "conversations",
+    "preference",
+    "align",
     "inspect",
     "exercises",
     "config",

@@ -32,6 +32,7 @@ from minigpt.instruct import (
     format_prompt,
     instruction_loss,
     load_instructions,
+    read_json_records,
     tokenize_instruction,
 )
 
@@ -141,6 +142,18 @@ def test_instructions_malformed_record_names_file_and_line(tmp_path, record, mat
     p = write(tmp_path, "inst.json", f"[\n  {good},\n  {good},\n  {record}\n]\n")
     with pytest.raises(DataFormatError, match=rf"inst\.json, line 4: .*{match}"):
         load_instructions(p)
+
+
+def test_json_records_give_each_value_and_the_line_it_starts_on(tmp_path):
+    listed = write(tmp_path, "a.json", '\ufeff[\n  {"x": 1},\n\n  [2,\n 3], "s"\n]\n')
+    lines = write(tmp_path, "b.jsonl", '{"x": 1}\n\n[2, 3]\n"s"\n')
+    assert list(read_json_records(listed)) == [(2, {"x": 1}), (4, [2, 3]), (5, "s")]
+    assert list(read_json_records(lines)) == [(1, {"x": 1}), (3, [2, 3]), (4, "s")]
+    assert list(read_json_records(write(tmp_path, "c.json", " [ ] "))) == []
+    with pytest.raises(DataFormatError, match=r"d\.jsonl, line 2: not valid JSON"):
+        list(read_json_records(write(tmp_path, "d.jsonl", '{"x": 1}\n{"x": }\n')))
+    with pytest.raises(DataFormatError, match=r"e\.json is not UTF-8"):
+        list(read_json_records(write(tmp_path, "e.json", b"[\xff]")))
 
 
 def test_course_files_load(data_dir):
