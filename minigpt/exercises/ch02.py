@@ -10,8 +10,10 @@ from minigpt.exercises.core import (
     LearnerError,
     NotAttempted,
     Question,
+    Shortcut,
     call,
     close,
+    forbid,
     ints,
 )
 
@@ -20,6 +22,57 @@ __all__ = ["q1", "q2", "q3", "q4", "q5"]
 
 def _one_hot_lookup(ids, W):
     return F.one_hot(ids, W.shape[0]).to(W.dtype) @ W
+
+
+def _lookup_matrix() -> torch.Tensor:
+    """The (V, C) = (7, 3) matrix q1 embeds with."""
+    return torch.randn(7, 3, generator=torch.Generator().manual_seed(2))
+
+
+# Torch functions that pick rows (or entries) out of a tensor instead of multiplying it.
+_ROW_PICKS = (
+    "__getitem__",
+    "embedding",
+    "embedding_bag",
+    "index_select",
+    "index",
+    "gather",
+    "take",
+    "take_along_dim",
+    "select",
+    "narrow",
+    "unbind",
+    "split",
+    "split_with_sizes",
+    "chunk",
+    "tensor_split",
+    "masked_select",
+)
+
+
+def _is_lookup_matrix(t) -> bool:
+    """Whether ``t`` holds q1's matrix W (or its transpose), in any float dtype or layout:
+    a copy (``W.double()``, ``W.clone()``) is still W."""
+    W = _lookup_matrix().double()
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() != W.numel():
+        return False
+    got = t.detach().cpu().double().flatten()
+    return any(torch.allclose(got, w.flatten(), rtol=1e-2, atol=1e-3) for w in (W, W.T))
+
+
+def _only_reshapes(key) -> bool:
+    """Whether an index only adds axes or takes everything (W[None], W[...], W[:])."""
+    keys = key if isinstance(key, tuple) else (key,)
+    return all(
+        k is None or k is Ellipsis or (isinstance(k, slice) and k == slice(None)) for k in keys
+    )
+
+
+def _picks_from_w(args, kwargs) -> bool:
+    """Whether a call of one of ``_ROW_PICKS`` reads W: ``W[ids]``, ``F.embedding(ids, W)``."""
+    if len(args) == 2 and not kwargs and _only_reshapes(args[1]):
+        return False  # W[None] picks nothing (no other row-picking call takes such a key)
+    return any(_is_lookup_matrix(a) for a in (*args, *kwargs.values()))
 
 
 class OneHotLookup(Question):
@@ -34,11 +87,21 @@ def one_hot_lookup(ids, W):
     return F.one_hot(ids, V).to(W.dtype) @ W   # (..., V) @ (V, C) -> (..., C)
 """
 
+    shortcuts = (
+        Shortcut(
+            "picking rows of W (W[ids], F.embedding, index_select, ...)",
+            "build the one-hot vectors with F.one_hot(ids, V), convert them to W's dtype and "
+            "multiply them by W: the lookup is a matrix product",
+            _ROW_PICKS,
+            when=_picks_from_w,
+        ),
+    )
+
     def _check(self, fn):
-        gen = torch.Generator().manual_seed(2)
-        W = torch.randn(7, 3, generator=gen)
+        W = _lookup_matrix()
         for ids in (torch.tensor([0, 3, 6]), torch.tensor([[1, 1], [5, 2]]), torch.tensor(4)):
-            got = call(fn, ids, W)
+            with forbid(*self.shortcuts):
+                got = call(fn, ids, W)
             if not isinstance(got, torch.Tensor):
                 raise Incorrect(f"expected a tensor, got {type(got).__name__}")
             close(got, W[ids], what=f"one_hot_lookup for ids of shape {tuple(ids.shape)}")

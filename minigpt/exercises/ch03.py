@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from minigpt.exercises.core import Incorrect, Question, call, close, tensor
+from minigpt import attention as package_attention
+from minigpt.exercises.core import Incorrect, Question, Shortcut, call, close, forbid, tensor
 
 __all__ = ["q1", "q2", "q3", "q4", "q5"]
 
@@ -70,22 +71,38 @@ def attention(q, k, v, mask=None):
     return weights @ v                                           # (..., Tq, dv)
 """
 
+    shortcuts = (
+        Shortcut(
+            "scaled_dot_product_attention (torch's or minigpt's)",
+            "compute the scores q @ k.transpose(-2, -1) / sqrt(d), fill the masked ones with "
+            "-inf, take the softmax over the keys and multiply by v",
+            (
+                "scaled_dot_product_attention",
+                "multi_head_attention_forward",
+                package_attention.scaled_dot_product_attention,
+            ),
+        ),
+    )
+
     def _check(self, fn):
         gen = torch.Generator().manual_seed(7)
-        cases = [((4, 8), (4, 8), (4, 3), None)]
-        cases.append(((2, 5, 4), (2, 5, 4), (2, 5, 6), torch.tril(torch.ones(5, 5)).bool()))
-        cases.append(
-            ((2, 3, 6, 4), (2, 3, 6, 4), (2, 3, 6, 4), torch.tril(torch.ones(6, 6)).bool())
-        )
-        for qs, ks, vs, mask in cases:
+        causal5, causal6 = torch.tril(torch.ones(5, 5)).bool(), torch.tril(torch.ones(6, 6)).bool()
+        # any boolean mask, not only a causal one: 3 queries, 5 keys, each query sees >= 1 key
+        scattered = torch.tensor([[1, 0, 1, 0, 0], [0, 0, 0, 1, 1], [0, 1, 0, 0, 0]]).bool()
+        cases = [
+            ((4, 8), (4, 8), (4, 3), None, ""),
+            ((2, 5, 4), (2, 5, 4), (2, 5, 6), causal5, " and a causal mask"),
+            ((2, 3, 6, 4), (2, 3, 6, 4), (2, 3, 6, 4), causal6, " and a causal mask"),
+            ((2, 3, 4), (2, 5, 4), (2, 5, 2), scattered, " and a mask that is not causal"),
+        ]
+        for qs, ks, vs, mask, which in cases:
             q = torch.randn(*qs, generator=gen, dtype=torch.float64)
             k = torch.randn(*ks, generator=gen, dtype=torch.float64)
             v = torch.randn(*vs, generator=gen, dtype=torch.float64)
-            got = tensor(call(fn, q, k, v, mask), "attention")
-            what = f"attention with q of shape {qs}" + (
-                " and a causal mask" if mask is not None else ""
-            )
-            close(got, _attention(q, k, v, mask), what=what)
+            with forbid(*self.shortcuts):
+                got = call(fn, q, k, v, mask)
+            got = tensor(got, "attention")
+            close(got, _attention(q, k, v, mask), what=f"attention with q of shape {qs}{which}")
 
     def reference(self):
         return _attention

@@ -13,7 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minigpt.exercises.core import Incorrect, Question, call, call_modifying, close, number
+from minigpt.exercises.core import (
+    Incorrect,
+    Question,
+    Shortcut,
+    call,
+    call_modifying,
+    close,
+    forbid,
+    number,
+)
+from minigpt.model import Block
 
 __all__ = ["q1", "q2", "q3", "q4", "q5"]
 
@@ -42,9 +52,18 @@ def layer_norm(x, weight, bias, eps=1e-5):
     return (x - mean) / torch.sqrt(var + eps) * weight + bias
 """
 
+    shortcuts = (
+        Shortcut(
+            "F.layer_norm (or nn.LayerNorm)",
+            "compute the mean and the population variance over the last dimension yourself",
+            ("layer_norm", "native_layer_norm"),
+        ),
+    )
+
     def _check(self, fn):
         for x, w, b in _layer_norm_inputs():
-            got = call(fn, x, w, b, 1e-5)
+            with forbid(*self.shortcuts):
+                got = call(fn, x, w, b, 1e-5)
             if not isinstance(got, torch.Tensor):
                 raise Incorrect(f"expected a tensor, got {type(got).__name__}")
             close(
@@ -56,7 +75,8 @@ def layer_norm(x, weight, bias, eps=1e-5):
         x = torch.full((2, 4), 0.3)
         x[1] += torch.tensor([0.0, 1e-3, 0.0, -1e-3])
         w, b = torch.ones(4), torch.zeros(4)
-        got = call(fn, x, w, b, 1e-2)
+        with forbid(*self.shortcuts):
+            got = call(fn, x, w, b, 1e-2)
         close(got, F.layer_norm(x, (4,), w, b, 1e-2), what="layer_norm with eps=1e-2")
 
     def reference(self):
@@ -118,6 +138,14 @@ def gpt2_num_parameters(vocab_size, block_size, n_layer, n_embd):
     return V * C + T * C + L * block + 2 * C             # + final norm; tied head is free
 """
 
+    shortcuts = (
+        Shortcut(
+            "building a model (any nn.Module)",
+            "use a formula: count the weights and biases of each layer in terms of V, T, L and C",
+            (nn.Module.__init__,),
+        ),
+    )
+
     def _check(self, fn):
         for V, T, L, C in [
             (50257, 1024, 12, 768),
@@ -125,7 +153,9 @@ def gpt2_num_parameters(vocab_size, block_size, n_layer, n_embd):
             (1000, 32, 3, 48),
             (7, 5, 1, 8),
         ]:
-            got = number(call(fn, V, T, L, C), "the parameter count", integer=True)
+            with forbid(*self.shortcuts):
+                got = call(fn, V, T, L, C)
+            got = number(got, "the parameter count", integer=True)
             want = _gpt2_count(V, T, L, C)
             if got != want:
                 diff = got - want
@@ -151,7 +181,7 @@ def gpt2_num_parameters(vocab_size, block_size, n_layer, n_embd):
 
 
 def _blocks() -> list[nn.Module]:
-    from minigpt.model import Block, GPTConfig
+    from minigpt.model import GPTConfig
 
     blocks = []
     for preset in ("tiny", "llama-tiny"):
@@ -178,12 +208,21 @@ def block_forward(block, x):
     return x
 """
 
+    shortcuts = (
+        Shortcut(
+            "calling the block itself (block(x), block.forward)",
+            "use only its four parts: block.ln_1, block.attn, block.ln_2 and block.mlp",
+            (Block.forward,),
+        ),
+    )
+
     def _check(self, fn):
         g = torch.Generator().manual_seed(3)
         for block in _blocks():
             x = torch.randn(2, 7, block.ln_1.weight.shape[0], generator=g)
             with torch.no_grad():
-                got = call(fn, block, x)
+                with forbid(*self.shortcuts):
+                    got = call(fn, block, x)
                 want = block(x)
             if not isinstance(got, torch.Tensor):
                 raise Incorrect(f"expected a tensor, got {type(got).__name__}")
@@ -300,14 +339,25 @@ def rms_norm(x, weight, eps=1e-5):
     return x / rms * weight
 """
 
+    shortcuts = (
+        Shortcut(
+            "F.rms_norm (or an RMSNorm module)",
+            "divide x by sqrt(the mean of x² over the last dimension + eps) yourself",
+            ("rms_norm", "_fused_rms_norm"),
+        ),
+    )
+
     def _check(self, fn):
         for x, w, _ in _layer_norm_inputs():
-            got = call(fn, x, w, 1e-5)
+            with forbid(*self.shortcuts):
+                got = call(fn, x, w, 1e-5)
             if not isinstance(got, torch.Tensor):
                 raise Incorrect(f"expected a tensor, got {type(got).__name__}")
             close(got, F.rms_norm(x, (x.shape[-1],), w, 1e-5), what=f"rms_norm of {tuple(x.shape)}")
         x, w = torch.tensor([[1e-3, -1e-3, 2e-3, 0.0]]), torch.ones(4)
-        close(call(fn, x, w, 1e-4), F.rms_norm(x, (4,), w, 1e-4), what="rms_norm with eps=1e-4")
+        with forbid(*self.shortcuts):
+            got = call(fn, x, w, 1e-4)
+        close(got, F.rms_norm(x, (4,), w, 1e-4), what="rms_norm with eps=1e-4")
 
     def reference(self):
         def rms_norm(x, weight, eps=1e-5):

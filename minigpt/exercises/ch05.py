@@ -1,4 +1,9 @@
-"""Checks for chapter 05, pretraining: batches, cross-entropy, AdamW, the schedule, clipping."""
+"""Checks for chapter 05, pretraining: batches, cross-entropy, AdamW, the schedule, clipping.
+
+The exercises are "written by you and checked against PyTorch": each check rejects the
+library function that would do the whole job (TokenDataset, F.cross_entropy, torch.optim,
+minigpt.optim, clip_grad_norm_).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,20 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.clip_grad
 
-from minigpt.exercises.core import Incorrect, Question, call, close, number, tensor
+from minigpt import optim as package_optim
+from minigpt.exercises.core import (
+    Incorrect,
+    Question,
+    Shortcut,
+    call,
+    close,
+    forbid,
+    number,
+    tensor,
+)
+from minigpt.tokens import TokenDataset
 
 __all__ = ["q1", "q2", "q3", "q4", "q5"]
 
@@ -29,6 +46,14 @@ def get_batch(data, offsets, block_size):
     return x, y
 """
 
+    shortcuts = (
+        Shortcut(
+            "minigpt's TokenDataset",
+            "slice the windows out of data yourself and torch.stack them",
+            (TokenDataset,),
+        ),
+    )
+
     def _check(self, fn) -> None:
         data = _data()
         for offsets, T in (
@@ -36,7 +61,8 @@ def get_batch(data, offsets, block_size):
             (torch.tensor([50]), 8),
             (torch.tensor([3, 3]), 1),
         ):
-            out = call(fn, data, offsets, T)
+            with forbid(*self.shortcuts):
+                out = call(fn, data, offsets, T)
             if not isinstance(out, tuple) or len(out) != 2:
                 raise Incorrect("return a pair (x, y)")
             x, y = out
@@ -85,12 +111,22 @@ def cross_entropy(logits, targets):
     return -log_probs[torch.arange(len(targets)), targets].mean() # scalar
 """
 
+    shortcuts = (
+        Shortcut(
+            "F.cross_entropy (or F.log_softmax)",
+            "subtract each row's max, take log_softmax = z - log(sum(exp(z))) yourself, pick "
+            "the targets' entries and average their negatives",
+            ("cross_entropy", "cross_entropy_loss", "log_softmax", "_log_softmax"),
+        ),
+    )
+
     def _check(self, fn) -> None:
         g = torch.Generator().manual_seed(5)
         for scale in (1.0, 200.0):  # 200: exp overflows without the max trick
             logits = torch.randn(6, 11, generator=g) * scale
             targets = torch.randint(0, 11, (6,), generator=g)
-            got = call(fn, logits, targets)
+            with forbid(*self.shortcuts):
+                got = call(fn, logits, targets)
             if isinstance(got, torch.Tensor):
                 if got.dim() != 0:
                     raise Incorrect(
@@ -120,7 +156,9 @@ def cross_entropy(logits, targets):
             return -log_probs[torch.arange(len(targets)), targets].mean()
 
         def summed(logits, targets):
-            return F.cross_entropy(logits, targets, reduction="sum")
+            z = logits - logits.max(dim=-1, keepdim=True).values
+            log_probs = z - z.exp().sum(dim=-1, keepdim=True).log()
+            return -log_probs[torch.arange(len(targets)), targets].sum()
 
         def probs_not_logs(logits, targets):
             return -F.softmax(logits, -1)[torch.arange(len(targets)), targets].mean()
@@ -146,6 +184,14 @@ def adamw_step(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
     return p, m, v
 """
     _hp = dict(lr=0.05, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    shortcuts = (
+        Shortcut(
+            "an optimizer from torch.optim or minigpt.optim",
+            "write the update out with tensor arithmetic: the decay, both moments, the bias "
+            "correction and the step",
+            (torch.optim, package_optim, "_fused_adamw_", "_fused_adam_"),
+        ),
+    )
 
     def _check(self, fn) -> None:
         g = torch.Generator().manual_seed(3)
@@ -160,7 +206,8 @@ def adamw_step(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
         for step, grad in enumerate(grads, start=1):
             ref.grad = grad.clone()
             opt.step()
-            out = call(fn, p, grad, m, v, step, **self._hp)
+            with forbid(*self.shortcuts):
+                out = call(fn, p, grad, m, v, step, **self._hp)
             if not isinstance(out, tuple) or len(out) != 3:
                 raise Incorrect("return the triple (new_param, new_m, new_v)")
             p, m, v = (tensor(t, w) for t, w in zip(out, ("new_param", "new_m", "new_v")))
@@ -230,10 +277,20 @@ def lr_at(step, max_lr, min_lr, warmup_steps, max_steps):
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 """
 
+    shortcuts = (
+        Shortcut(
+            "minigpt.optim's lr_at (or a torch.optim scheduler)",
+            "write the three cases yourself with math.cos",
+            (package_optim, torch.optim),
+        ),
+    )
+
     def _check(self, fn) -> None:
         args = dict(max_lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=100)
         for step in (0, 4, 9, 10, 30, 55, 99, 100, 150):
-            got = number(call(fn, step, **args), f"lr_at({step})")
+            with forbid(*self.shortcuts):
+                got = call(fn, step, **args)
+            got = number(got, f"lr_at({step})")
             want = _lr_reference(step, **args)
             if not math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-12):
                 raise Incorrect(f"lr_at({step}) = {got:.6g}, expected {want:.6g}")
@@ -272,11 +329,20 @@ def clip_gradients(grads, max_norm):
     return [g * scale for g in grads]
 """
 
+    shortcuts = (
+        Shortcut(
+            "clip_grad_norm_ (torch.nn.utils's or minigpt.optim's)",
+            "compute one norm over all the tensors together and scale them yourself",
+            (torch.nn.utils.clip_grad, package_optim),
+        ),
+    )
+
     def _check(self, fn) -> None:
         g = torch.Generator().manual_seed(7)
         grads = [torch.randn(4, 3, generator=g) * 2, torch.randn(5, generator=g)]
         for max_norm in (1.0, 100.0):
-            got = call(fn, grads, max_norm)
+            with forbid(*self.shortcuts):
+                got = call(fn, grads, max_norm)
             if not isinstance(got, (list, tuple)):
                 raise Incorrect(f"return a list of gradients, got {type(got).__name__}")
             params = [torch.nn.Parameter(torch.zeros_like(t)) for t in grads]

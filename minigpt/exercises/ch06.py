@@ -112,6 +112,24 @@ def top_k_filter(logits, k):
             if not torch.equal(kept, want):
                 raise Incorrect(f"with k={k} you kept the wrong tokens: keep the largest logits")
             close(got[kept], logits[kept], what="the kept logits (they must not change)")
+        # ties at the k-th value: still exactly k (which of the tied ones does not matter)
+        logits = torch.tensor([[1.0, 3.0, 2.0, 2.0, 0.0], [5.0, 5.0, 5.0, 5.0, 4.0]])
+        for k in (2, 3):
+            got = call(fn, logits, k)
+            if not isinstance(got, torch.Tensor) or got.shape != logits.shape:
+                raise Incorrect(f"expected a tensor of shape {tuple(logits.shape)}")
+            kept = torch.isfinite(got)
+            n_kept = kept.sum(-1).tolist()
+            if (got[~kept] != float("-inf")).any() or n_kept != [k, k]:
+                raise Incorrect(
+                    f"logits {logits.tolist()} with k={k}: you kept {n_kept} per row, but exactly "
+                    f"{k} must stay even when logits tie at the {k}-th place (keeping every logit "
+                    ">= the k-th value keeps too many)"
+                )
+            for row, keep in zip(logits, kept):
+                if row[keep].min() < row[~keep].max():
+                    raise Incorrect(f"logits {row.tolist()} with k={k}: keep the largest logits")
+            close(got[kept], logits[kept], what="the kept logits (they must not change)")
 
     def reference(self):
         return _top_k
@@ -129,7 +147,11 @@ def top_k_filter(logits, k):
             kth = torch.topk(logits, k, dim=-1).values[..., -1:]
             return logits.masked_fill(logits <= kth, float("-inf"))
 
-        return [zeros_not_inf, smallest, off_by_one]
+        def keeps_ties(logits, k):  # nanoGPT's threshold: every logit tied with the k-th stays
+            kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+            return logits.masked_fill(logits < kth, float("-inf"))
+
+        return [zeros_not_inf, smallest, off_by_one, keeps_ties]
 
 
 q2 = TopK()
@@ -185,6 +207,24 @@ def top_p_filter(logits, p):
                     f"probabilities [0.05, 0.5, 0.3, 0.15] with p={p}: you kept tokens {kept}, "
                     f"expected {want} (the fewest likeliest tokens whose mass reaches p)"
                 )
+        # equal logits give exact masses (V tokens of 1/V each): at p = n / V the first n
+        # tokens hold exactly p, so the next one is dropped ("at least p", mass above >= p)
+        for V, p, n in ((4, 0.5, 2), (4, 0.25, 1), (8, 0.375, 3), (4, 1.0, 4)):
+            logits = torch.zeros(2, V)
+            got = call(fn, logits, p)
+            if not isinstance(got, torch.Tensor) or got.shape != logits.shape:
+                raise Incorrect(f"expected a tensor of shape {tuple(logits.shape)}")
+            _dropped_are_minus_inf(got)
+            n_kept = torch.isfinite(got).sum(-1).tolist()
+            if n_kept != [n, n]:
+                raise Incorrect(
+                    f"{V} equal logits (each token has probability 1/{V}) with p={p}: you kept "
+                    f"{n_kept} tokens per row, expected {n}: the first {n} already hold "
+                    f"{n}/{V} = {p} of the mass, so the next is dropped (drop a token when the "
+                    "mass above it is >= p)"
+                )
+            kept = torch.isfinite(got)
+            close(got[kept], logits[kept], what="the kept logits (they must not change)")
         for seed, shape, p in ((0, (12,), 0.7), (1, (3, 30), 0.9), (2, (2, 9), 0.25)):
             logits = _logits(seed, *shape)
             got = call(fn, logits, p)
@@ -215,7 +255,13 @@ def top_p_filter(logits, p):
             probs = torch.softmax(sorted_logits, dim=-1)
             return sorted_logits.masked_fill(probs.cumsum(-1) - probs >= p, float("-inf"))
 
-        return [drops_the_crossing_token, unsorted, forgets_to_unsort]
+        def keeps_one_past_p(logits, p):  # > instead of >=: keeps a token after reaching p
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+            probs = torch.softmax(sorted_logits, dim=-1)
+            sorted_logits = sorted_logits.masked_fill(probs.cumsum(-1) - probs > p, float("-inf"))
+            return torch.empty_like(logits).scatter(-1, order, sorted_logits)
+
+        return [drops_the_crossing_token, unsorted, forgets_to_unsort, keeps_one_past_p]
 
 
 q3 = TopP()

@@ -7,16 +7,19 @@ import string
 
 import torch
 
+from minigpt import tasks
 from minigpt.exercises.core import (
     Incorrect,
-    LearnerError,
     Question,
+    Shortcut,
     call,
     close,
+    forbid,
     ints,
     number,
     tensor,
 )
+from minigpt.instruct import InstructionCollator
 
 __all__ = ["q1", "q2", "q3", "q4", "q5", "q6", "q7", "q8"]
 
@@ -356,10 +359,20 @@ def check_sort(instruction, response):
     return response.strip() == ", ".join(sorted(words))
 """
 
+    shortcuts = (
+        Shortcut(
+            "minigpt.tasks",
+            "read the words out of the instruction yourself, sort them and compare the "
+            "stripped response with them joined by ', '",
+            (tasks,),
+        ),
+    )
+
     def _check(self, fn):
         for instruction, words in _SORT_CASES:
             for response, want, why in _sort_responses(instruction, words):
-                got = call(fn, instruction, response)
+                with forbid(*self.shortcuts):
+                    got = call(fn, instruction, response)
                 what = f"check_sort({instruction!r}, {response!r})"
                 if not isinstance(got, bool):
                     raise Incorrect(f"{what}: return True or False, got {type(got).__name__}")
@@ -423,38 +436,6 @@ def _task_example_ids(prompt, answer, encode, eos_id):
     n = max(len(prompt_ids) - 1, 0)  # targets 0 .. n-1 predict prompt tokens 1 .. n
     targets[:n] = [-100] * n
     return inputs, targets
-
-
-_COLLATOR_USED = "build the row yourself instead of calling InstructionCollator"
-
-
-class _CollatorUsed(Exception):
-    """Raised by InstructionCollator while q8 checks an answer."""
-
-
-def _without_collator(fn, *args):
-    """``call(fn, *args)`` while ``InstructionCollator`` refuses to run."""
-    from minigpt.instruct import InstructionCollator
-
-    original = InstructionCollator.__dict__["__call__"]
-    used = []
-
-    def forbidden(self, *a, **k):
-        used.append(True)
-        raise _CollatorUsed(_COLLATOR_USED)
-
-    InstructionCollator.__call__ = forbidden
-    try:
-        out = call(fn, *args)
-    except LearnerError as e:
-        if used or isinstance(e.error, _CollatorUsed):
-            raise Incorrect(_COLLATOR_USED) from None
-        raise
-    finally:
-        InstructionCollator.__call__ = original
-    if used:  # the learner's code caught the refusal and carried on
-        raise Incorrect(_COLLATOR_USED)
-    return out
 
 
 def _held_out_examples():
@@ -559,9 +540,19 @@ def task_example_ids(prompt, answer, encode, eos_id):
     return inputs, targets
 """
 
+    shortcuts = (
+        Shortcut(
+            "InstructionCollator",
+            "build the row yourself: seq = encode(prompt) + encode(answer) + [eos_id], then "
+            "shift it by one and mask the targets that predict prompt tokens",
+            (InstructionCollator,),
+        ),
+    )
+
     def _check(self, fn):
         for prompt, answer, encode, eos_id, what in _row_cases():
-            got = _without_collator(fn, prompt, answer, encode, eos_id)
+            with forbid(*self.shortcuts):
+                got = call(fn, prompt, answer, encode, eos_id)
             if not isinstance(got, (tuple, list)) or len(got) != 2:
                 raise Incorrect(f"{what}: return a pair (inputs, targets)")
             inputs, targets = ints(got[0], "inputs"), ints(got[1], "targets")

@@ -1,0 +1,533 @@
+"""Exercise checks reject the shortcut their text forbids, and the boundary variants
+their convention rules out, while the solutions still pass.
+
+``SHORTCUTS`` writes each forbidden shortcut out as a learner would (``F.layer_norm``
+for "LayerNorm by hand", ``block(x)`` for "using only those four parts"): the check
+must say "incorrect: <the shortcut> is not allowed here: ...". ``BOUNDARIES`` holds
+off-by-one and ``>`` vs ``>=`` variants (top-p's exact mass, top-k's ties, a mask that
+is not causal, the schedule's edges): each must be incorrect. Every question named in
+either table is also checked with its printed solution and with its solutions
+notebook's code, which must stay correct.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import math
+import re
+import sys
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minigpt import optim as package_optim
+from minigpt.exercises import ch00, ch02, ch03, ch04, ch05, ch06, ch07
+from minigpt.exercises.core import Incorrect, LearnerError, Shortcut, call, forbid
+from tests.test_exercises import ALL
+
+REPO = Path(__file__).resolve().parents[1]
+
+# ---------------------------------------------------------------- ch00, ch02: edges
+
+
+def _nll_over_len(probs, ids):  # divides by len(ids), not by the len(ids) - 1 predictions
+    t = torch.tensor(ids)
+    return -torch.log(probs[t[:-1], t[1:]]).sum().item() / len(ids)
+
+
+def _refuses_a_table_that_just_fits(tok_emb, table, offset):  # >= instead of >
+    T = tok_emb.shape[1]
+    if offset + T >= table.shape[0]:
+        raise ValueError("past the end of the table")
+    return tok_emb + table[offset : offset + T]
+
+
+# ---------------------------------------------------------------- ch02 q1: by matrix multiplication
+
+
+def _embedding_module(ids, W):
+    return nn.Embedding.from_pretrained(W)(ids)
+
+
+def _row_by_row(ids, W):
+    rows = [W[i] for i in ids.flatten().tolist()]
+    return torch.stack(rows).reshape(*ids.shape, W.shape[1])
+
+
+def _one_hot_computed_but_indexed(ids, W):
+    F.one_hot(ids, W.shape[0]).to(W.dtype) @ W  # the product, thrown away
+    return W.double()[ids].to(W.dtype)
+
+
+def _transposed_select(ids, W):
+    return W.T.index_select(1, ids.flatten()).T.reshape(*ids.shape, W.shape[1])
+
+
+# ---------------------------------------------------------------- ch03 q2: attention by hand
+
+
+def _sdpa(q, k, v, mask=None):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _sdpa_imported_by_name(q, k, v, mask=None):
+    from torch.nn.functional import scaled_dot_product_attention as attend
+
+    return attend(q, k, v, attn_mask=mask)
+
+
+def _package_attention(q, k, v, mask=None):
+    from minigpt.attention import scaled_dot_product_attention
+
+    return scaled_dot_product_attention(q, k, v, mask)
+
+
+def _builds_its_own_causal_mask(q, k, v, mask=None):
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if mask is not None:  # ignores the mask it was given
+        causal = torch.tril(torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool))
+        scores = scores.masked_fill(~causal, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+# ---------------------------------------------------------------- ch04: norms, the block, the count
+
+
+def _by_hand_layer_norm(x, weight, bias, eps=1e-5):
+    var = x.var(-1, keepdim=True, unbiased=False)
+    return (x - x.mean(-1, keepdim=True)) / torch.sqrt(var + eps) * weight + bias
+
+
+def _layer_norm_module(x, weight, bias, eps=1e-5):
+    ln = nn.LayerNorm(x.shape[-1], eps=eps)
+    with torch.no_grad():
+        ln.weight.copy_(weight)
+        ln.bias.copy_(bias)
+    return ln(x).detach()
+
+
+def _tries_layer_norm_then_by_hand(x, weight, bias, eps=1e-5):
+    with contextlib.suppress(Exception):  # "if the check refuses it, fall back"
+        F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    return _by_hand_layer_norm(x, weight, bias, eps)
+
+
+def _layer_norm_then_raises(x, weight, bias, eps=1e-5):
+    F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    raise ValueError("and then something else went wrong")
+
+
+def _builds_the_model(vocab_size, block_size, n_layer, n_embd):
+    from minigpt.model import GPT, GPTConfig
+
+    with torch.device("meta"):
+        return GPT(GPTConfig(vocab_size, block_size, n_layer, 1, n_embd)).num_parameters()
+
+
+def _rms_norm_module(x, weight, eps=1e-5):
+    from minigpt.model import RMSNorm
+
+    norm = RMSNorm(x.shape[-1], eps=eps)
+    norm.weight = nn.Parameter(weight.clone())
+    return norm(x).detach()
+
+
+# ---------------------------------------------------------------- ch05: written by you
+
+
+def _token_dataset(data, offsets, block_size):
+    from minigpt.tokens import TokenDataset
+
+    return TokenDataset(data, block_size).windows(offsets)
+
+
+def _torch_adamw(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
+    param = nn.Parameter(p.clone())
+    opt = torch.optim.AdamW(
+        [param], lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay
+    )
+    opt.state[param] = {
+        "step": torch.tensor(float(step - 1)),
+        "exp_avg": m.clone(),
+        "exp_avg_sq": v.clone(),
+    }
+    param.grad = g.clone()
+    opt.step()
+    state = opt.state[param]
+    return param.detach().clone(), state["exp_avg"].clone(), state["exp_avg_sq"].clone()
+
+
+def _package_adamw(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
+    from minigpt.optim import adamw_update
+
+    p, m, v = p.clone(), m.clone(), v.clone()
+    adamw_update(
+        p, g, m, v, step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay
+    )
+    return p, m, v
+
+
+def _package_lr_at(step, max_lr, min_lr, warmup_steps, max_steps):
+    from minigpt.optim import lr_at
+
+    return lr_at(step, lr=max_lr, min_lr=min_lr, warmup_steps=warmup_steps, decay_steps=max_steps)
+
+
+def _schedule(*, through=False, plus=1, span=0, shift=0):
+    """The reference schedule with one edge moved: warmup through step == warmup_steps,
+    ``max_lr * (step + plus) / warmup_steps``, or a cosine over ``span`` more steps,
+    ``shift`` steps ahead."""
+
+    def lr_at(step, max_lr, min_lr, warmup_steps, max_steps):
+        if step < warmup_steps or (through and step == warmup_steps):
+            return max_lr * (step + plus) / warmup_steps
+        if step >= max_steps:
+            return min_lr
+        progress = (step - warmup_steps + shift) / (max_steps - warmup_steps + span)
+        return min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (max_lr - min_lr)
+
+    return lr_at
+
+
+def _clip_with(clip):
+    def clip_gradients(grads, max_norm):
+        params = [nn.Parameter(torch.zeros_like(t)) for t in grads]
+        for p, t in zip(params, grads):
+            p.grad = t.clone()
+        clip(params, max_norm)
+        return [p.grad for p in params]
+
+    return clip_gradients
+
+
+# ---------------------------------------------------------------- ch06: sampling edges
+
+
+def _top_k_keeps_ties(logits, k):  # nanoGPT: logits[logits < v[:, [-1]]] = -inf
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _top_p_strict(logits, p):  # drops a token only when the mass above it is > p
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    sorted_logits = sorted_logits.masked_fill(probs.cumsum(-1) - probs > p, float("-inf"))
+    return torch.empty_like(logits).scatter(-1, order, sorted_logits)
+
+
+def _top_p_drops_at_cumsum(logits, p):  # drops the token whose own mass reaches p
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    sorted_logits = sorted_logits.masked_fill(probs.cumsum(-1) >= p, float("-inf"))
+    return torch.empty_like(logits).scatter(-1, order, sorted_logits)
+
+
+# ---------------------------------------------------------------- ch07: edges, tasks, the collator
+
+
+def _reads_padding(hidden, lengths):  # position lengths[b], one past the last real token
+    return hidden[torch.arange(hidden.shape[0]), lengths.clamp(max=hidden.shape[1] - 1)]
+
+
+def _counts_one_padding(logp, idx, lengths):  # <= instead of <: one padding position too
+    token = logp.gather(-1, idx[..., None]).squeeze(-1)
+    return (token * (torch.arange(idx.shape[1])[None, :] <= lengths[:, None])).sum(dim=1)
+
+
+def _peeks_at_tasks(instruction, response):
+    from minigpt import tasks
+
+    tasks.make_tasks("train", 3, families=["sort"])  # only looks, then works the answer out
+    return ch07.q7.reference()(instruction, response)
+
+
+def _collator_then_by_hand(prompt, answer, encode, eos_id):
+    from minigpt.instruct import InstructionCollator
+
+    with contextlib.suppress(Exception):
+        InstructionCollator(pad_id=0, eos_id=eos_id)([(encode(prompt), encode(answer))])
+    return ch07.q8.reference()(prompt, answer, encode, eos_id)
+
+
+# ---------------------------------------------------------------- the tables
+
+
+def _wrong(q, name):
+    """One of ``q.wrong_answers()``, by its function's name."""
+    (answer,) = [w for w in q.wrong_answers() if w.__name__ == name]
+    return answer
+
+
+def _f_layer_norm(x, weight, bias, eps=1e-5):
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def _torch_layer_norm(x, weight, bias, eps=1e-5):
+    return torch.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def _log_softmax_picked(logits, targets):
+    return -F.log_softmax(logits, -1)[torch.arange(len(targets)), targets].mean()
+
+
+def _tensor_log_softmax_picked(logits, targets):
+    return -logits.log_softmax(-1)[torch.arange(len(targets)), targets].mean()
+
+
+# (question, what the answer does): each must be "incorrect: ... is not allowed here: ..."
+SHORTCUTS = [
+    (ch02.q1, "W[ids]", lambda ids, W: W[ids]),
+    (ch02.q1, "F.embedding", lambda ids, W: F.embedding(ids, W)),
+    (ch02.q1, "nn.Embedding", _embedding_module),
+    (ch02.q1, "W[i] row by row", _row_by_row),
+    (ch02.q1, "a copy of W indexed", _one_hot_computed_but_indexed),
+    (ch02.q1, "W.T.index_select", _transposed_select),
+    (ch03.q2, "F.scaled_dot_product_attention", _sdpa),
+    (ch03.q2, "sdpa imported by name", _sdpa_imported_by_name),
+    (ch03.q2, "minigpt's attention", _package_attention),
+    (ch04.q1, "F.layer_norm", _f_layer_norm),
+    (ch04.q1, "torch.layer_norm", _torch_layer_norm),
+    (ch04.q1, "nn.LayerNorm", _layer_norm_module),
+    (ch04.q1, "F.layer_norm, error caught", _tries_layer_norm_then_by_hand),
+    (ch04.q1, "F.layer_norm, then raises", _layer_norm_then_raises),
+    (ch04.q2, "GPT(...).num_parameters()", _builds_the_model),
+    (ch04.q3, "block(x)", lambda block, x: block(x)),
+    (ch04.q3, "block.forward(x)", lambda block, x: block.forward(x)),
+    (ch04.q3, "Block.forward(block, x)", lambda block, x: type(block).forward(block, x)),
+    (ch04.q3, "nn.Module.__call__", lambda block, x: nn.Module.__call__(block, x)),
+    (ch04.q5, "F.rms_norm", lambda x, w, eps=1e-5: F.rms_norm(x, (x.shape[-1],), w, eps)),
+    (ch04.q5, "torch.rms_norm", lambda x, w, eps=1e-5: torch.rms_norm(x, (x.shape[-1],), w, eps)),
+    (ch04.q5, "minigpt's RMSNorm", _rms_norm_module),
+    (ch05.q1, "TokenDataset.windows", _token_dataset),
+    (ch05.q2, "F.cross_entropy", lambda z, t: F.cross_entropy(z, t)),
+    (ch05.q2, "nn.CrossEntropyLoss", lambda z, t: nn.CrossEntropyLoss()(z, t)),
+    (ch05.q2, "F.log_softmax", _log_softmax_picked),
+    (ch05.q2, "Tensor.log_softmax", _tensor_log_softmax_picked),
+    (ch05.q2, "nll_loss of log_softmax", lambda z, t: F.nll_loss(torch.log_softmax(z, -1), t)),
+    (ch05.q3, "torch.optim.AdamW", _torch_adamw),
+    (ch05.q3, "minigpt.optim.adamw_update", _package_adamw),
+    (ch05.q4, "minigpt.optim.lr_at", _package_lr_at),
+    (ch05.q5, "torch clip_grad_norm_", _clip_with(torch.nn.utils.clip_grad_norm_)),
+    (ch05.q5, "minigpt.optim.clip_grad_norm", _clip_with(package_optim.clip_grad_norm)),
+    (ch07.q7, "looks the instruction up in minigpt.tasks", _wrong(ch07.q7, "looks_up")),
+    (ch07.q7, "consults minigpt.tasks, then works it out", _peeks_at_tasks),
+    (ch07.q8, "InstructionCollator", _wrong(ch07.q8, "calls_the_collator")),
+    (ch07.q8, "InstructionCollator, then by hand", _collator_then_by_hand),
+]
+
+# (question, what the answer gets wrong): each must be incorrect
+BOUNDARIES = [
+    (ch00.q4, "divides by len(ids), not len(ids) - 1", _nll_over_len),
+    (
+        ch02.q5,
+        "raises when the positions just fit (>= instead of >)",
+        _refuses_a_table_that_just_fits,
+    ),
+    (ch03.q1, "lets each query see one step ahead", lambda T: torch.ones(T, T).tril(1).bool()),
+    (ch03.q2, "ignores the mask and builds a causal one", _builds_its_own_causal_mask),
+    (ch05.q4, "warmup through step == warmup_steps (<=)", _schedule(through=True)),
+    (ch05.q4, "warmup without the + 1 (step 0 gets lr 0)", _schedule(plus=0)),
+    (ch05.q4, "cosine over max_steps - warmup_steps - 1 steps", _schedule(span=-1)),
+    (ch05.q4, "cosine one step ahead", _schedule(shift=1)),
+    (ch06.q2, "keeps every logit tied with the k-th", _top_k_keeps_ties),
+    (ch06.q3, "drops when the mass above is > p, not >= p", _top_p_strict),
+    (ch06.q3, "drops the token whose own mass reaches p", _top_p_drops_at_cumsum),
+    (ch07.q1, "reads position lengths, not lengths - 1", _reads_padding),
+    (ch07.q2, "masks n_prompt targets, not n_prompt - 1", _wrong(ch07.q2, "off_by_one")),
+    (ch07.q6, "counts position lengths[b] too (<= instead of <)", _counts_one_padding),
+]
+
+_CHAPTER = {id(q): chapter for chapter, q in ALL}
+
+
+def _id(row) -> str:
+    return f"{_CHAPTER[id(row[0])]}.{row[0].name}: {row[1]}"
+
+
+@pytest.mark.parametrize(("q", "label", "answer"), SHORTCUTS, ids=[_id(r) for r in SHORTCUTS])
+def test_forbidden_shortcut_is_rejected_and_named(q, label, answer):
+    result = q.check(answer)
+    assert result.status == "incorrect", result
+    assert "is not allowed here: " in result.message, result
+    assert result.message.split(" is not allowed here: ")[0] in {s.name for s in q.shortcuts}
+    assert sys.getprofile() is None, "forbid left its profile hook behind"
+    assert not torch.overrides._get_current_function_mode_stack(), "forbid left its torch mode on"
+
+
+@pytest.mark.parametrize(("q", "label", "answer"), BOUNDARIES, ids=[_id(r) for r in BOUNDARIES])
+def test_boundary_variant_is_rejected(q, label, answer):
+    result = q.check(answer)
+    assert result.status == "incorrect", result
+    assert "not allowed" not in result.message, "a boundary variant takes no forbidden shortcut"
+    assert "cannot take" not in result.message, "the variant must be called, and be wrong"
+
+
+def test_the_schedule_variants_move_one_edge_of_a_correct_schedule():
+    assert ch05.q4.check(_schedule()).status == "correct"
+
+
+# ---------------------------------------------------------------- the solutions still pass
+
+QUESTIONS = sorted(
+    {(_CHAPTER[id(q)], q.name) for q, _, _ in SHORTCUTS + BOUNDARIES},
+)
+
+
+def _question(chapter: str, name: str):
+    return getattr(importlib.import_module(f"minigpt.exercises.{chapter}"), name)
+
+
+def test_every_question_with_shortcuts_has_a_row():
+    listed = {(_CHAPTER[id(q)], q.name) for q, _, _ in SHORTCUTS}
+    forbidding = {(chapter, q.name) for chapter, q in ALL if q.shortcuts}
+    assert forbidding == listed
+
+
+@pytest.mark.parametrize(("chapter", "name"), QUESTIONS, ids=[f"{c}.{n}" for c, n in QUESTIONS])
+def test_printed_solution_passes(chapter, name):
+    q = _question(chapter, name)
+    namespace = {"torch": torch, "F": F, "nn": nn, "math": math}
+    exec(q._solution, namespace)  # what q.solution() prints
+    (fn_name,) = re.findall(r"^def (\w+)\(", q._solution, flags=re.M)
+    result = q.check(namespace[fn_name])
+    assert result.status == "correct", result
+
+
+@cache
+def _solution_notebook(chapter: str) -> tuple[dict, dict[str, str]]:
+    """The solutions notebook's namespace (every cell but the checks) and, per question,
+    the name of the answer its check cell passes."""
+    (path,) = REPO.glob(f"solutions/{chapter[2:]}_*.ipynb")
+    namespace: dict = {}
+    answers = {}
+    for cell in json.loads(path.read_text(encoding="utf-8"))["cells"]:
+        source = "".join(cell["source"])
+        if cell["cell_type"] != "code":
+            continue
+        checks = re.findall(rf"{chapter}\.(q\d+)\.check\((\w+)\)", source)
+        if checks:
+            answers.update(checks)
+        else:
+            with contextlib.redirect_stdout(None):
+                exec(source, namespace)
+    return namespace, answers
+
+
+@pytest.mark.parametrize(("chapter", "name"), QUESTIONS, ids=[f"{c}.{n}" for c, n in QUESTIONS])
+def test_solution_notebook_answer_passes(chapter, name):
+    namespace, answers = _solution_notebook(chapter)
+    result = _question(chapter, name).check(namespace[answers[name]])
+    assert result.status == "correct", result
+
+
+def test_top_k_may_break_ties_its_own_way():
+    """'Exactly k' with ties: which of the tied logits stays is the learner's choice."""
+
+    def keeps_the_last_of_ties(logits, k):
+        flipped = logits.flip(-1)
+        values, indices = torch.topk(flipped, k, dim=-1)
+        kept = torch.full_like(flipped, float("-inf")).scatter(-1, indices, values)
+        return kept.flip(-1)
+
+    logits = torch.tensor([1.0, 3.0, 2.0, 2.0, 0.0])
+    assert not torch.equal(
+        torch.isfinite(keeps_the_last_of_ties(logits, 2)), torch.isfinite(ch06._top_k(logits, 2))
+    ), "the two must really break the tie differently"
+    assert ch06.q2.check(keeps_the_last_of_ties).status == "correct"
+
+
+def test_top_p_boundary_agrees_with_the_package():
+    from minigpt.sampling import top_p_filter
+
+    for V, p, n in ((4, 0.5, 2), (4, 0.25, 1), (8, 0.375, 3), (4, 1.0, 4)):
+        assert int(torch.isfinite(top_p_filter(torch.zeros(V), p)).sum()) == n
+
+
+def test_top_k_ties_agree_with_the_package():
+    from minigpt.sampling import top_k_filter
+
+    logits = torch.tensor([[1.0, 3.0, 2.0, 2.0, 0.0], [5.0, 5.0, 5.0, 5.0, 4.0]])
+    for k in (2, 3):
+        assert torch.isfinite(top_k_filter(logits, k)).sum(-1).tolist() == [k, k]
+
+
+# ---------------------------------------------------------------- forbid itself
+
+_LAYER_NORM = Shortcut("F.layer_norm", "by hand", ("layer_norm",))
+
+
+def _tracer(frame, event, arg):
+    return None
+
+
+def test_forbid_restores_the_profile_hook_and_the_torch_modes_when_the_code_raises():
+    x = torch.randn(2, 4)
+    block = Shortcut("block(x)", "parts", (ch04.Block.forward,))
+    before = sys.getprofile()
+    sys.setprofile(_tracer)  # someone's profiler was on before the check
+    try:
+        for answer, error in (
+            (lambda: 1 / 0, LearnerError),
+            (lambda: (F.layer_norm(x, (4,)), 1 / 0), Incorrect),
+        ):
+            with pytest.raises(error), forbid(_LAYER_NORM, block):
+                call(answer)
+            assert sys.getprofile() is _tracer
+            assert not torch.overrides._get_current_function_mode_stack()
+    finally:
+        sys.setprofile(before)
+
+
+def test_forbid_reports_the_shortcut_over_the_codes_own_error():
+    x = torch.randn(2, 4)
+    with (
+        pytest.raises(Incorrect, match="F.layer_norm is not allowed here: by hand"),
+        forbid(_LAYER_NORM),
+    ):
+        call(lambda: (F.layer_norm(x, (4,)), 1 / 0))
+    with (
+        pytest.raises(LearnerError) as raised,
+        forbid(_LAYER_NORM),
+    ):  # no shortcut: the code's own error stands
+        call(lambda: 1 / 0)
+    assert isinstance(raised.value.error, ZeroDivisionError)
+
+
+def test_forbid_refuses_nothing_while_the_code_runs():
+    x = torch.randn(2, 4)
+    seen = []
+    with pytest.raises(Incorrect), forbid(_LAYER_NORM):
+        seen.append(F.layer_norm(x, (4,)))
+    torch.testing.assert_close(seen[0], _by_hand_layer_norm(x, 1.0, 0.0))
+
+
+def test_forbid_lets_keyboard_interrupt_through():
+    def interrupted():
+        F.layer_norm(torch.ones(1, 2), (2,))
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt), forbid(_LAYER_NORM):
+        interrupted()
+    assert sys.getprofile() is None
+
+
+def test_a_when_that_raises_does_not_count():
+    def broken(args, kwargs):
+        raise RuntimeError("a learner's odd argument")
+
+    with forbid(Shortcut("layer_norm", "by hand", ("layer_norm",), when=broken)):
+        F.layer_norm(torch.ones(1, 2), (2,))
+
+
+def test_a_target_forbid_cannot_spot_is_a_type_error():
+    with (
+        pytest.raises(TypeError, match="name a torch function by str"),
+        forbid(Shortcut("torch.layer_norm", "by hand", (torch.layer_norm,))),
+    ):
+        pass
