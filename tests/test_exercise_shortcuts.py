@@ -28,7 +28,8 @@ from torch import nn
 
 from minigpt import optim as package_optim
 from minigpt.exercises import ch00, ch02, ch03, ch04, ch05, ch06, ch07
-from minigpt.exercises.core import Incorrect, LearnerError, Shortcut, call, forbid
+from minigpt.exercises.core import Incorrect, LearnerError, call
+from minigpt.exercises.shortcuts import Shortcut, forbid
 from tests.test_exercises import ALL
 
 REPO = Path(__file__).resolve().parents[1]

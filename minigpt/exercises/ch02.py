@@ -10,12 +10,11 @@ from minigpt.exercises.core import (
     LearnerError,
     NotAttempted,
     Question,
-    Shortcut,
     call,
     close,
-    forbid,
     ints,
 )
+from minigpt.exercises.shortcuts import Shortcut, forbid
 
 __all__ = ["q1", "q2", "q3", "q4", "q5"]
 

@@ -13,16 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minigpt.exercises.core import (
-    Incorrect,
-    Question,
-    Shortcut,
-    call,
-    call_modifying,
-    close,
-    forbid,
-    number,
-)
+from minigpt.exercises.core import Incorrect, Question, call, call_modifying, close, number
+from minigpt.exercises.shortcuts import Shortcut, forbid
 from minigpt.model import Block
 
 __all__ = ["q1", "q2", "q3", "q4", "q5"]

@@ -14,16 +14,8 @@ import torch.nn.functional as F
 import torch.nn.utils.clip_grad
 
 from minigpt import optim as package_optim
-from minigpt.exercises.core import (
-    Incorrect,
-    Question,
-    Shortcut,
-    call,
-    close,
-    forbid,
-    number,
-    tensor,
-)
+from minigpt.exercises.core import Incorrect, Question, call, close, number, tensor
+from minigpt.exercises.shortcuts import Shortcut, forbid
 from minigpt.tokens import TokenDataset
 
 __all__ = ["q1", "q2", "q3", "q4", "q5"]

@@ -8,17 +8,8 @@ import string
 import torch
 
 from minigpt import tasks
-from minigpt.exercises.core import (
-    Incorrect,
-    Question,
-    Shortcut,
-    call,
-    close,
-    forbid,
-    ints,
-    number,
-    tensor,
-)
+from minigpt.exercises.core import Incorrect, Question, call, close, ints, number, tensor
+from minigpt.exercises.shortcuts import Shortcut, forbid
 from minigpt.instruct import InstructionCollator
 
 __all__ = ["q1", "q2", "q3", "q4", "q5", "q6", "q7", "q8"]

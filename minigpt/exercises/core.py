@@ -17,7 +17,7 @@ wrong ones (a check that cannot fail is a defect).
 
 When the text forbids a shortcut ("don't call F.layer_norm", "using only those four
 parts"), the question lists it as a ``Shortcut`` and runs the learner's code inside
-``forbid(...)``, which watches what the code calls and says "incorrect: F.layer_norm
+``forbid(...)`` (``minigpt.exercises.shortcuts``), which watches what the code calls and says "incorrect: F.layer_norm
 is not allowed here: <what to do instead>" when the shortcut was taken.
 """
 
@@ -26,10 +26,12 @@ from __future__ import annotations
 import html
 import math
 import traceback
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from minigpt.exercises.shortcuts import Shortcut
 
 __all__ = [
     "Blank",
@@ -38,12 +40,10 @@ __all__ = [
     "LearnerError",
     "NotAttempted",
     "Question",
-    "Shortcut",
     "blank",
     "call",
     "call_modifying",
     "close",
-    "forbid",
     "ints",
     "number",
     "tensor",
@@ -376,152 +376,6 @@ def _same(orig: Any, given: Any) -> bool:
             return math.isnan(given)
         return bool(orig == given)
     return True
-
-
-# ---------------------------------------------------------------- shortcuts an exercise forbids
-
-
-@dataclass(frozen=True, eq=False)
-class Shortcut:
-    """Something an exercise's text forbids ("don't call F.layer_norm"), and how to spot it.
-
-    ``uses`` lists what gives the shortcut away when the learner's code runs it:
-
-    - a Python function or method: its code object, so any alias counts
-      (``from torch.nn.functional import layer_norm``, ``block.forward``, ``block(x)``);
-    - a class: every method it defines; a module: any code in its file; a package:
-      any code in its folder;
-    - a string: the name of a torch function, which matches it wherever it lives
-      (``"layer_norm"`` is ``F.layer_norm``, ``torch.layer_norm``, ``torch.ops.aten.layer_norm``;
-      ``"__getitem__"`` is indexing a tensor). ``when(args, kwargs)``, if given, says which
-      of those calls count (indexing one tensor, not every tensor).
-
-    What is seen is code that runs: reading a module's constant, or a call that
-    ``functools.cache`` answers without running the function, goes unseen.
-    The message reads "<name> is not allowed here: <instead>".
-    """
-
-    name: str
-    instead: str
-    uses: tuple[Any, ...]
-    when: Callable[[tuple, dict], bool] | None = None
-
-    @property
-    def message(self) -> str:
-        return f"{self.name} is not allowed here: {self.instead}"
-
-
-class _Spotter:
-    """What ``forbid`` watches for: code objects, files, folders and torch function names."""
-
-    def __init__(self, shortcuts: Sequence[Shortcut]) -> None:
-        import inspect
-        import os
-        import types
-
-        self.codes: dict[Any, Shortcut] = {}
-        self.files: dict[str, Shortcut] = {}
-        self.folders: list[tuple[str, Shortcut]] = []
-        self.names: dict[str, list[Shortcut]] = {}
-        self.used: list[Shortcut] = []
-
-        def add_function(f: Any, s: Shortcut) -> None:
-            f = getattr(f, "__func__", f)  # bound methods, classmethods, staticmethods
-            for g in (f, inspect.unwrap(f)):  # a decorator's wrapper and what it wraps
-                code = getattr(g, "__code__", None)
-                if code is None:
-                    raise TypeError(f"{s.name}: cannot spot {g!r}; name a torch function by str")
-                self.codes[code] = s
-
-        for s in shortcuts:
-            for use in s.uses:
-                if isinstance(use, str):
-                    self.names.setdefault(use, []).append(s)
-                elif isinstance(use, types.ModuleType) and hasattr(use, "__path__"):
-                    self.folders += [(os.path.join(p, ""), s) for p in use.__path__]
-                elif isinstance(use, types.ModuleType):
-                    self.files[use.__file__] = s
-                elif isinstance(use, type):
-                    for member in vars(use).values():
-                        member = member.fget if isinstance(member, property) else member
-                        if inspect.isfunction(getattr(member, "__func__", member)):
-                            add_function(member, s)
-                else:
-                    add_function(use, s)
-
-    def note(self, s: Shortcut) -> None:
-        if s not in self.used:
-            self.used.append(s)
-
-    def profile(self, frame: Any, event: str, arg: Any) -> None:
-        """``sys.setprofile`` hook: a Python frame starts running one of the watched codes."""
-        if event != "call":
-            return
-        code = frame.f_code
-        s = self.codes.get(code) or self.files.get(code.co_filename)
-        if s is None and self.folders:
-            s = next((s for d, s in self.folders if code.co_filename.startswith(d)), None)
-        if s is not None:
-            self.note(s)
-
-    def torch_call(self, func: Any, args: tuple, kwargs: dict) -> None:
-        """A torch function is about to run (seen through a TorchFunctionMode)."""
-        name = str(getattr(func, "__name__", "")).split(".")[0]  # "layer_norm.default"
-        for s in self.names.get(name, ()):
-            try:
-                counts = s.when is None or bool(s.when(args, kwargs))
-            except Exception:  # a learner's odd argument: not this shortcut
-                counts = False
-            if counts:
-                self.note(s)
-
-
-def _torch_watch(spotter: _Spotter) -> Any:
-    """A TorchFunctionMode that tells ``spotter`` of every torch call, then makes it."""
-    from torch.overrides import TorchFunctionMode
-
-    class Watch(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            spotter.torch_call(func, args, kwargs)
-            return func(*args, **kwargs)
-
-    return Watch()
-
-
-@contextmanager
-def forbid(*shortcuts: Shortcut) -> Iterator[None]:
-    """Run the learner's code (``call(...)`` inside the block), then reject a shortcut it used.
-
-    Nothing is patched and nothing is refused while the code runs: a profile hook
-    (``sys.setprofile``) sees which Python functions start and a ``TorchFunctionMode``
-    sees which torch functions are called. After the block, ``Incorrect(shortcut.message)``
-    if one was used, even when the code caught an error or raised itself; otherwise the
-    block's own outcome. The previous profile hook and the torch mode stack are restored
-    whatever happens. Keep the block to the learner's call: the checker's own code inside
-    it (``W[ids]`` for the expected answer) would count too.
-    """
-    import sys
-
-    spotter = _Spotter(shortcuts)
-    previous = sys.getprofile()
-    watch_code = bool(spotter.codes or spotter.files or spotter.folders)
-    try:
-        with _torch_watch(spotter) if spotter.names else nullcontext():
-            if watch_code:
-                sys.setprofile(spotter.profile)
-            try:
-                yield
-            finally:
-                if watch_code:
-                    sys.setprofile(previous)
-    except KeyboardInterrupt:
-        raise
-    except BaseException:
-        if not spotter.used:
-            raise
-    if spotter.used:
-        raise Incorrect(spotter.used[0].message)
 
 
 # ---------------------------------------------------------------- comparing the learner's results
