@@ -232,6 +232,23 @@ def test_model_size_bytes_counts_parameters_and_buffers_once():
     assert model_size_bytes(quantize(model)) < 0.4 * model_size_bytes(model)
 
 
+def test_generation_never_dequantizes_a_whole_matrix(monkeypatch):
+    """generate and stream read only the model's device and dtype, from a float weight:
+    the int8 layers' ``weight`` (a new float matrix at each access) stays untouched."""
+    model = quantize(tiny_gpt())
+
+    def refuse(self):
+        raise RuntimeError("dequantized a whole matrix")
+
+    monkeypatch.setattr(Int8Linear, "weight", property(refuse))
+    monkeypatch.setattr(Int8Embedding, "weight", property(refuse))
+    with pytest.raises(RuntimeError):
+        model.lm_head.weight  # noqa: B018 -- the trap works
+    prompt = torch.tensor([[1, 2, 3]])
+    out = generate(model, prompt, 5, temperature=0)
+    assert list(stream(model, [1, 2, 3], 5, temperature=0)) == out[0, 3:].tolist()
+
+
 def test_quantize_errors_are_one_line():
     model = tiny_gpt()
     cases = [
