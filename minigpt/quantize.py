@@ -110,14 +110,7 @@ def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
     return q, scales
 
 
-def dequantize(q: Tensor, scales: Tensor) -> Tensor:
-    """The float weight that ``(q, scales)`` stands for: ``q * scales[:, None]``.
-
-    Args:
-        q: (out, in) int8; scales: (out,) floating point.
-    Returns:
-        (out, in) in the scales' dtype.
-    """
+def _check_pair(q: Tensor, scales: Tensor) -> None:
     if not isinstance(q, Tensor) or q.dtype != torch.int8 or q.dim() != 2:
         got = f"{q.dtype} {tuple(q.shape)}" if isinstance(q, Tensor) else type(q).__name__
         raise TypeError(f"q must be a 2-D int8 tensor from quantize_per_channel, got {got}")
@@ -129,6 +122,17 @@ def dequantize(q: Tensor, scales: Tensor) -> Tensor:
             f"scales must have one entry per row of q, shape ({q.shape[0]},), got "
             f"{tuple(scales.shape)}"
         )
+
+
+def dequantize(q: Tensor, scales: Tensor) -> Tensor:
+    """The float weight that ``(q, scales)`` stands for: ``q * scales[:, None]``.
+
+    Args:
+        q: (out, in) int8; scales: (out,) floating point.
+    Returns:
+        (out, in) in the scales' dtype.
+    """
+    _check_pair(q, scales)
     return q.to(scales.dtype) * scales[:, None]
 
 
@@ -161,7 +165,7 @@ class Int8Linear(nn.Module):
         use_kernel: bool | None = None,
     ) -> None:
         super().__init__()
-        dequantize(q, scales)  # checks q and scales
+        _check_pair(q, scales)
         if bias is not None and (not isinstance(bias, Tensor) or bias.shape != scales.shape):
             got = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
             raise ValueError(f"bias must have shape ({q.shape[0]},) or be None, got {got}")
@@ -174,6 +178,7 @@ class Int8Linear(nn.Module):
             raise ValueError(f"use_kernel=True, but {why}; pass use_kernel=None to fall back")
         self.in_features, self.out_features = q.shape[1], q.shape[0]
         self.use_kernel = use_kernel
+        self.kernel_fits = use_kernel is not False and _KERNEL is not None and q.shape[1] % 16 == 0
         self.register_buffer("q", q.contiguous())
         self.register_buffer("scales", scales)
         self.register_buffer("bias", bias)
@@ -198,13 +203,11 @@ class Int8Linear(nn.Module):
 
     def _kernel_applies(self, x: Tensor) -> bool:
         return (
-            self.use_kernel is not False
-            and _KERNEL is not None
-            and x.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.bfloat16)
-            and self.in_features % 16 == 0  # the AVX-512 kernel reads 16 columns at a time
+            self.kernel_fits  # the layer: the AVX-512 kernel reads 16 columns at a time
             and x.numel() <= KERNEL_MAX_ROWS * self.in_features
-            and not (torch.is_grad_enabled() and x.requires_grad)  # it has no backward
+            and x.dtype in (torch.float32, torch.bfloat16)
+            and x.device.type == "cpu"
+            and not (x.requires_grad and torch.is_grad_enabled())  # it has no backward
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -213,14 +216,13 @@ class Int8Linear(nn.Module):
             a = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (rows, in)
             if a.data_ptr() % 64:  # the kernel loads aligned vectors
                 a = a.clone()
-            y = _KERNEL(a, self.q, self.kernel_scales).to(x.dtype)  # (rows, out): x @ qᵀ
+            y = _KERNEL(a, self.q, self.kernel_scales)  # (rows, out) bfloat16: x @ qᵀ
             y = y.view(*x.shape[:-1], self.out_features)
         else:
             y = x @ self.q.T.to(x.dtype)  # (..., out)
-        y = y * self.scales.to(y.dtype)  # each output channel by its own scale
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y
+        # each output channel times its own scale (a bfloat16 y is promoted to the scales' dtype)
+        y = y * self.scales if self.bias is None else torch.addcmul(self.bias, y, self.scales)
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
@@ -239,7 +241,7 @@ class Int8Embedding(nn.Module):
 
     def __init__(self, q: Tensor, scales: Tensor) -> None:
         super().__init__()
-        dequantize(q, scales)  # checks q and scales
+        _check_pair(q, scales)
         self.num_embeddings, self.embedding_dim = q.shape
         self.register_buffer("q", q)
         self.register_buffer("scales", scales)

@@ -229,7 +229,11 @@ def test_model_size_bytes_counts_parameters_and_buffers_once():
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     assert buffers > 0
     assert model_size_bytes(model) == 4 * model.num_parameters() + buffers  # tied once
-    assert model_size_bytes(quantize(model)) < 0.4 * model_size_bytes(model)
+    qmodel = quantize(model)
+    assert model_size_bytes(qmodel) < 0.4 * model_size_bytes(model)
+    # the embedding adds nothing to the head: they share one int8 matrix
+    pair = nn.ModuleList([qmodel.lm_head, qmodel.wte])
+    assert model_size_bytes(pair) == model_size_bytes(qmodel.lm_head)
 
 
 def test_generation_never_dequantizes_a_whole_matrix(monkeypatch):
