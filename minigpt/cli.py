@@ -1,8 +1,8 @@
 """The ``minigpt`` command: train, sample from, evaluate and chat with models.
 
     minigpt train [CONFIG] [--key=value ...] [--resume | --overwrite]   # e.g. configs/shakespeare_char.json
-    minigpt sample CHECKPOINT --prompt "ROMEO:" [--max-new-tokens 200] [--temperature 0.8]
-    minigpt eval CHECKPOINT [--iters 50]
+    minigpt sample CHECKPOINT --prompt "ROMEO:" [--max-new-tokens 200] [--temperature 0.8] [--int8]
+    minigpt eval CHECKPOINT [--iters 50] [--int8]   # --int8: int8 weights (minigpt.quantize)
     minigpt chat CHECKPOINT [--system TEXT] [--max-new-tokens 64]   # /reset, /exit; Ctrl-C: 130
 
 ``CONFIG`` is a JSON (or TOML) file with up to three sections, every key optional::
@@ -339,6 +339,12 @@ def _load_checkpoint(path: str, need_bytes: Callable[[Any], int] = lambda c: 0):
     return directory, model, load_tokenizer(tok_file)
 
 
+def _int8(model: Any) -> Any:
+    from minigpt.quantize import quantize
+
+    return quantize(model)
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     tokens = len(args.prompt.encode("utf-8")) + args.max_new_tokens
     _, model, tokenizer = _load_checkpoint(
@@ -348,6 +354,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     )
     from minigpt.generate import generate_text  # lazily: only this command needs it
 
+    model = _int8(model) if args.int8 else model
     text = generate_text(
         model,
         tokenizer,
@@ -369,6 +376,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         args.checkpoint,
         lambda c: 4 * args.batch_size * c.block_size * (16 * c.n_layer * c.n_embd + c.vocab_size),
     )
+    model = _int8(model) if args.int8 else model
     state = read_trainer_state(directory)
     data = {**DEFAULT_CONFIG["data"], **(state.get("metadata") or {}).get("data", {})}
     if args.text_file:
@@ -458,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=_finite_float, default=0.8)
     p.add_argument("--top-k", type=_int_at_least(1), default=None)
     p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--int8", action="store_true", help="int8 weights (minigpt.quantize)")
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint")
@@ -468,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--text-file", default=None, help="evaluate on this text instead of the run's data"
     )
+    p.add_argument("--int8", action="store_true", help="int8 weights (minigpt.quantize)")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("chat", help="chat with a checkpoint tuned for chat (lines from stdin)")

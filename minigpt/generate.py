@@ -198,7 +198,7 @@ def generate(
 def _prompt_ids(
     model: GPT, prompt: str | Sequence[int] | Tensor, tokenizer: Tokenizer | None
 ) -> Tensor:
-    device = model.lm_head.weight.device
+    device = model.ln_f.weight.device  # a float weight, even in an int8 model
     if isinstance(prompt, str):
         if tokenizer is None:
             raise TypeError("a text prompt needs a tokenizer: pass tokenizer=...")

@@ -413,7 +413,7 @@ class GPT(nn.Module):
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> list[KVCache]:
         """Empty per-layer KV caches on the model's device and dtype."""
-        p = self.lm_head.weight
+        p = self.ln_f.weight  # float, also when the head is int8 (minigpt.quantize)
         max_len = (
             self.config.block_size if max_len is None else min(max_len, self.config.block_size)
         )

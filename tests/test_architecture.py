@@ -33,6 +33,7 @@ LAYERS = [
     "pretrained",
     "sampling",
     "generate",
+    "quantize",
     "classify",
     "instruct",
     "translation",
