@@ -36,6 +36,7 @@ __all__ = [
     "instruction_loss",
     "load_instructions",
     "read_json_records",
+    "read_string_records",
     "tokenize_instruction",
 ]
 
@@ -124,25 +125,44 @@ def load_instructions(path: str | os.PathLike[str] | None = None) -> list[Instru
             fields, naming the file and the line where the record starts.
     """
     file = Path(path) if path is not None else data.path("instruction-data")
+    records = read_string_records(file, ("instruction", "input", "output"), optional=("input",))
+    return [InstructionExample(**fields) for _, fields in records]
+
+
+def read_string_records(
+    path: str | os.PathLike[str], fields: Sequence[str], optional: Sequence[str] = ()
+) -> list[tuple[int, dict[str, str]]]:
+    """``(line, {field: text})`` for each record of a JSON list or JSON Lines file.
+
+    Every record must be an object whose ``fields`` are strings (an ``optional``
+    one may be absent: it reads as ""), with a non-empty ``"instruction"`` when
+    that is one of them; other keys are ignored. ``line`` is where the record starts.
+
+    Raises:
+        DataFormatError: invalid JSON, a record that breaks these rules, or a file
+            with no records, naming the file and the line.
+    """
+    file = Path(path)
+    needed = [repr(k) for k in fields if k not in optional]
+    need = ", ".join(needed[:-1]) + " and " + needed[-1] if len(needed) > 1 else needed[0]
     out = []
     for lineno, rec in read_json_records(file):
         if not isinstance(rec, dict):
             raise DataFormatError(
-                f"{file}, line {lineno}: expected an object with 'instruction' and "
-                f"'output', got {type(rec).__name__}"
+                f"{file}, line {lineno}: expected an object with {need}, got {type(rec).__name__}"
             )
-        fields = {}
-        for key in ("instruction", "input", "output"):
-            value = rec.get(key, "" if key == "input" else None)
+        values = {}
+        for key in fields:
+            value = rec.get(key, "" if key in optional else None)
             if not isinstance(value, str):
                 problem = "is missing" if value is None else f"is a {type(value).__name__}"
                 raise DataFormatError(
                     f"{file}, line {lineno}: field {key!r} {problem}; expected a string"
                 )
-            fields[key] = value
-        if not fields["instruction"].strip():
+            values[key] = value
+        if "instruction" in values and not values["instruction"].strip():
             raise DataFormatError(f"{file}, line {lineno}: 'instruction' is empty")
-        out.append(InstructionExample(**fields))
+        out.append((lineno, values))
     if not out:
         raise DataFormatError(f"{file} has no examples")
     return out

@@ -35,9 +35,8 @@ from torch import Tensor, nn
 from minigpt import data
 from minigpt.assistant import PROMPT_INTRO_USED
 from minigpt.classify import BagOfWords, Encode
-from minigpt.data import DataFormatError
 from minigpt.finetune import FinetuneConfig, History, fit
-from minigpt.instruct import InstructionExample, format_prompt, read_json_records
+from minigpt.instruct import InstructionExample, format_prompt, read_string_records
 from minigpt.model import GPT
 from minigpt.tasks import STYLES, TaskExample, write_response
 
@@ -91,28 +90,8 @@ def load_preferences(path: str | os.PathLike[str] | None = None) -> list[Prefere
             naming the file and the line where the record starts.
     """
     file = Path(path) if path is not None else data.path("preference-data")
-    out = []
-    for lineno, rec in read_json_records(file):
-        if not isinstance(rec, dict):
-            raise DataFormatError(
-                f"{file}, line {lineno}: expected an object with 'instruction', 'chosen' "
-                f"and 'rejected', got {type(rec).__name__}"
-            )
-        fields = {}
-        for key in ("instruction", "input", "output", "chosen", "rejected"):
-            value = rec.get(key, "" if key in _OPTIONAL else None)
-            if not isinstance(value, str):
-                problem = "is missing" if value is None else f"is a {type(value).__name__}"
-                raise DataFormatError(
-                    f"{file}, line {lineno}: field {key!r} {problem}; expected a string"
-                )
-            fields[key] = value
-        if not fields["instruction"].strip():
-            raise DataFormatError(f"{file}, line {lineno}: 'instruction' is empty")
-        out.append(PreferenceExample(**fields))
-    if not out:
-        raise DataFormatError(f"{file} has no examples")
-    return out
+    keys = ("instruction", "input", "output", "chosen", "rejected")
+    return [PreferenceExample(**r) for _, r in read_string_records(file, keys, _OPTIONAL)]
 
 
 PREFERENCE_KINDS = ("correct", "polite")
