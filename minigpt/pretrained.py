@@ -28,7 +28,7 @@ from minigpt.data import cache_dir, load_text, train_val_split
 from minigpt.files import load_json, load_tensors, save_json
 from minigpt.model import GPT, GPTConfig
 from minigpt.tokenizer import CharTokenizer
-from minigpt.tokens import TokenDataset, cached_tokens, with_repeats
+from minigpt.tokens import TokenDataset, cached_tokens
 from minigpt.train import LossHistory, TrainConfig, Trainer, validation_loss
 
 __all__ = [
@@ -218,10 +218,6 @@ SHAKESPEARE_CHAR: dict[str, Any] = {
 # 4,000 steps to stay near five CPU minutes. Its alphabet covers what fine-tuning
 # will show it (digits, symbols, French) besides Shakespeare's 65 characters; the
 # characters pretraining never saw start as untrained rows that fine-tuning fills.
-# A share of its training passages is written twice (``minigpt.tokens.with_repeats``):
-# plain Tiny Shakespeare seldom repeats itself within a window, so a small model
-# trained on it for minutes never learns to copy from its context, and copying a word
-# or a number is most of what the tasks of chapter 07 ask. Validation is plain text.
 ASSISTANT_BASE: dict[str, Any] = {
     "model": {**SHAKESPEARE_CHAR["model"], "block_size": 256},
     "train": {**SHAKESPEARE_CHAR["train"], "batch_size": 3},
@@ -229,7 +225,6 @@ ASSISTANT_BASE: dict[str, Any] = {
     "val_fraction": SHAKESPEARE_CHAR["val_fraction"],
     "alphabet": "\n" + "".join(map(chr, range(32, 127))) + "àâæçéèêëîïôœùûüÿÀÂÆÇÉÈÊËÎÏÔŒÙÛÜŸ«»’",
     "unk_token": "\ufffd",
-    "repeats": {"share": 0.3, "lengths": [16, 120], "seed": 0},
 }
 
 
@@ -391,9 +386,6 @@ def _train(
     tokenizer, train_ids, val_ids = shakespeare_char_data(
         folder.parent.parent, _recipe_tokenizer(recipe)
     )
-    if "repeats" in recipe:  # passages written twice: practice at copying (see ASSISTANT_BASE)
-        r = recipe["repeats"]
-        train_ids = with_repeats(train_ids, r["share"], seed=r["seed"], lengths=tuple(r["lengths"]))
     mc = GPTConfig(vocab_size=tokenizer.vocab_size, **recipe["model"])
     tc = TrainConfig(
         max_steps=steps,

@@ -9,8 +9,6 @@ pieces cut where the tokenizer's pre-splitting cannot change
 
 ``TokenDataset`` serves batches: B random windows of T + 1 consecutive tokens,
 inputs the first T, targets the last T (the same window shifted by one).
-``with_repeats`` writes some passages of a stream twice, which is what teaches a
-small model to copy from its context (see its docstring).
 """
 
 from __future__ import annotations
@@ -29,14 +27,7 @@ from minigpt.data import DataError, cache_dir
 from minigpt.files import remove_stale_temporaries
 from minigpt.tokenizer import safe_cuts
 
-__all__ = [
-    "TokenDataset",
-    "cached_tokens",
-    "encode_to_file",
-    "load_tokens",
-    "token_dtype",
-    "with_repeats",
-]
+__all__ = ["TokenDataset", "cached_tokens", "encode_to_file", "load_tokens", "token_dtype"]
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -219,45 +210,3 @@ class TokenDataset:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A random batch: inputs x (B, T) and targets y (B, T), with y[:, t] = x[:, t + 1]."""
         return self.windows(self.offsets(batch_size, generator))
-
-
-def with_repeats(
-    tokens: np.ndarray | Sequence[int],
-    share: float,
-    separator: Sequence[int] = (),
-    seed: int = 0,
-    lengths: tuple[int, int] = (16, 120),
-) -> np.ndarray:
-    """The stream cut into passages, a ``share`` of them written twice.
-
-    Passage lengths are drawn uniformly from ``lengths`` (inclusive); a repeated
-    passage is followed by ``separator`` and the passage again. The second copy is
-    predictable only by looking back and copying: the "induction heads" that do it
-    (Olsson et al., 2022) form early and clearly on such text, while a small model
-    trained for minutes on plain Tiny Shakespeare, which rarely repeats itself
-    within a window, learns none. Copying is most of what the course's tasks ask
-    for (``minigpt.tasks``: upper-case a word, repeat it, convert a number).
-
-    Returns a new 1-D array of the same dtype, about ``1 + share`` times as long
-    (shape ``(N',)``); the same seed gives the same stream.
-    """
-    ids = np.asarray(tokens)
-    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"tokens must be 1-D integer ids, got shape {ids.shape}, {ids.dtype}")
-    if not 0.0 <= share <= 1.0:
-        raise ValueError(f"share must be between 0 and 1 (the passages written twice), got {share}")
-    low, high = lengths
-    if not 1 <= low <= high:
-        raise ValueError(
-            f"lengths must be (shortest, longest) with 1 <= shortest <= longest, got {lengths}"
-        )
-    sep = np.asarray(separator, dtype=ids.dtype)
-    rng = np.random.default_rng(seed)
-    pieces, start = [], 0
-    while start < len(ids):
-        passage = ids[start : start + int(rng.integers(low, high + 1))]
-        start += len(passage)
-        pieces.append(passage)
-        if rng.random() < share:
-            pieces += [sep, passage]
-    return np.concatenate(pieces) if pieces else ids.copy()
