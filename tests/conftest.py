@@ -56,3 +56,15 @@ def _no_leaked_data_settings():
     yield
     after = {k: os.environ.get(k) for k in keys}
     assert after == before, f"the test left the environment changed: {before} -> {after}"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and far faster on a busy machine):
+    ``pytestmark = pytest.mark.usefixtures("one_thread")`` in a test module."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -10,14 +10,7 @@ from minigpt.generate import _TextDecoder, generate, generate_text, stream
 from minigpt.pretrained import from_pretrained
 from minigpt.sampling import SamplingConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and far faster on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 VARIANTS = {
