@@ -34,7 +34,7 @@ from minigpt.assistant import task_prompt
 from minigpt.classify import IGNORE_INDEX
 from minigpt.files import check_bool, check_int, check_number
 from minigpt.finetune import History
-from minigpt.generate import Tokenizer, generate
+from minigpt.generate import Tokenizer, generate, same_length_rows
 from minigpt.instruct import InstructionCollator
 from minigpt.model import GPT
 from minigpt.optim import OptimConfig, clip_grad_norm, configure_optimizer, set_lr
@@ -87,7 +87,7 @@ def response_logprobs(
                 f"context (block_size={block}); shorten it or leave the example out"
             )
     inputs, targets = InstructionCollator(pad_id=0)(list(zip(prompt_ids, response_ids)))
-    device = model.lm_head.weight.device
+    device = model.device
     inputs, targets = inputs.to(device), targets.to(device)
     logits, _ = model(inputs)  # (B, T, V)
     logp = -F.cross_entropy(
@@ -216,13 +216,10 @@ def sample_responses(
                 f"a prompt of {len(ids)} tokens plus max_new_tokens={max_new_tokens} does not "
                 f"fit the model's context (block_size={block}); every prompt needs a token"
             )
-    by_length: dict[int, list[int]] = {}
-    for i, ids in enumerate(encoded):
-        by_length.setdefault(len(ids), []).append(i)
-    device = model.lm_head.weight.device
+    device = model.device
     responses: list[list[list[int]]] = [[] for _ in prompts]
     texts: list[list[str]] = [[] for _ in prompts]
-    for g, (length, rows) in enumerate(by_length.items()):
+    for g, (length, rows) in enumerate(same_length_rows(encoded).items()):
         idx = torch.tensor([encoded[i] for i in rows for _ in range(n)], device=device)
         group_seed = random.Random(f"{seed}/{g}").getrandbits(62)
         out = generate(

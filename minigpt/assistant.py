@@ -32,7 +32,7 @@ import torch
 
 from minigpt.data import cache_dir, load_text
 from minigpt.finetune import FinetuneConfig, History, init_new_tokens, train_instructions
-from minigpt.generate import Tokenizer, generate
+from minigpt.generate import Tokenizer, generate, same_length_rows
 from minigpt.instruct import InstructionCollator, InstructionExample, format_prompt
 from minigpt.model import GPT
 from minigpt.pretrained import ASSISTANT_BASE, assistant_base_model, cached_model
@@ -119,11 +119,8 @@ def respond(
     if len(newline) != 1:
         raise ValueError("the tokenizer must encode a newline as one token (the stop token)")
     encoded = [tokenizer.encode(p) for p in prompts]
-    by_length: dict[int, list[int]] = {}
-    for i, ids in enumerate(encoded):
-        by_length.setdefault(len(ids), []).append(i)
     out = [""] * len(prompts)
-    for length, rows in by_length.items():
+    for length, rows in same_length_rows(encoded).items():
         for s in range(0, len(rows), batch_size):
             chunk = rows[s : s + batch_size]
             idx = torch.tensor([encoded[i] for i in chunk])

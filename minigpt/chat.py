@@ -365,7 +365,7 @@ def chat(
     """
     config = _sampling(model, template, max_new_tokens, sampling, settings)
     ids = _prompt(model, template, messages, max_new_tokens)
-    idx = torch.tensor([ids], dtype=torch.long, device=model.lm_head.weight.device)  # (1, T)
+    idx = torch.tensor([ids], dtype=torch.long, device=model.device)  # (1, T)
     new = generate(model, idx, max_new_tokens, config)[0, len(ids) :].tolist()
     stops = set(config.stop_tokens)
     end = next((k for k, t in enumerate(new) if t in stops), len(new))

@@ -40,6 +40,7 @@ __all__ = [
     "Tokenizer",
     "generate",
     "generate_text",
+    "same_length_rows",
     "stream",
 ]
 
@@ -198,7 +199,7 @@ def generate(
 def _prompt_ids(
     model: GPT, prompt: str | Sequence[int] | Tensor, tokenizer: Tokenizer | None
 ) -> Tensor:
-    device = model.ln_f.weight.device  # a float weight, even in an int8 model
+    device = model.device
     if isinstance(prompt, str):
         if tokenizer is None:
             raise TypeError("a text prompt needs a tokenizer: pass tokenizer=...")
@@ -347,3 +348,15 @@ def generate_text(
     if decode_bytes is not None:
         return decode_bytes(new).decode("utf-8", errors="replace")
     return tokenizer.decode(new)
+
+
+def same_length_rows(seqs: Sequence[Sequence[int]]) -> dict[int, list[int]]:
+    """The indices of ``seqs`` grouped by length (lengths in first-seen order).
+
+    ``generate`` takes rows of one length, so a batch of prompts of different
+    lengths is generated group by group: ``idx = tensor([seqs[i] for i in rows])``.
+    """
+    groups: dict[int, list[int]] = {}
+    for i, ids in enumerate(seqs):
+        groups.setdefault(len(ids), []).append(i)
+    return groups

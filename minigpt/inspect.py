@@ -306,7 +306,7 @@ def induction_loss_drop(
     half = _check_model(model).config.block_size // 2
     n = _check_int("length", half if length is None else length, 2, half, " (two copies fit)")
     ids = repeated_random_tokens(model.config.vocab_size, n, batch_size, seed)
-    losses = _token_losses(model, ids.to(model.lm_head.weight.device))  # (B, 2n - 1)
+    losses = _token_losses(model, ids.to(model.device))  # (B, 2n - 1)
     # column t predicts token t + 1: the first copy's tokens 1..n-1, the second's n+1..2n-1
     return float(losses[:, : n - 1].mean() - losses[:, n:].mean())
 

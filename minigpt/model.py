@@ -414,15 +414,18 @@ class GPT(nn.Module):
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> list[KVCache]:
         """Empty per-layer KV caches on the model's device and dtype."""
         p = self.ln_f.weight  # float, also when the head is int8 (minigpt.quantize)
-        max_len = (
-            self.config.block_size if max_len is None else min(max_len, self.config.block_size)
-        )
         c = self.config
+        max_len = c.block_size if max_len is None else min(max_len, c.block_size)
         n_kv = c.n_head if c.n_kv_head is None else c.n_kv_head
         return [
             KVCache(batch_size, n_kv, c.head_dim, max_len, device=p.device, dtype=p.dtype)
             for _ in range(c.n_layer)
         ]
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are (read off a float one: right for int8 layers too)."""
+        return self.ln_f.weight.device
 
     # ---------------------------------------------------------------- counting
 

@@ -376,3 +376,12 @@ def test_generation_checks_the_prompt_once_not_at_every_step(monkeypatch):
         list(stream(model, idx[:1], 6, temperature=0, use_cache=use_cache))
     assert checks == []  # the model's own forward checks are not repeated per step
     assert len(reads) == 4  # one range check of the prompt per call
+
+
+def test_same_length_rows_groups_indices_by_length_in_first_seen_order():
+    from minigpt.generate import same_length_rows
+
+    groups = same_length_rows([[1, 2], [3], [4, 5], [6, 7, 8], [9]])
+    assert groups == {2: [0, 2], 1: [1, 4], 3: [3]}
+    assert list(groups) == [2, 1, 3]
+    assert same_length_rows([]) == {}
