@@ -25,13 +25,12 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from minigpt.chat import ChatTemplate, Message, encode_chat
 from minigpt.classify import IGNORE_INDEX
 from minigpt.finetune import FinetuneConfig, History, fit
-from minigpt.instruct import instruction_loss
+from minigpt.instruct import instruction_loss, pad_rows
 from minigpt.model import GPT
 from minigpt.tasks import TaskExample, make_tasks, number_in_words
 
@@ -200,13 +199,7 @@ class ChatCollator:
                 ids, mask = ids[: self.max_length + 1], mask[: self.max_length + 1]
             targets = [t if m else self.ignore_index for t, m in zip(ids[1:], mask[1:])]
             rows.append((list(ids[:-1]), targets))
-        T = max(len(i) for i, _ in rows)
-        inputs = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
-        targets = torch.full((len(rows), T), self.ignore_index, dtype=torch.long)
-        for b, (i, t) in enumerate(rows):
-            inputs[b, : len(i)] = torch.tensor(i, dtype=torch.long)
-            targets[b, : len(t)] = torch.tensor(t, dtype=torch.long)
-        return inputs, targets
+        return pad_rows(rows, self.pad_id, self.ignore_index)
 
 
 def train_chat(
@@ -219,7 +212,7 @@ def train_chat(
     (``encode_chat``'s mask); conversations are cut at ``config.max_length`` (default
     the block size). Returns ``fit``'s history (``step``, ``loss``)."""
     cfg = config or FinetuneConfig()
-    device = next(model.parameters()).device
+    device = model.device
     encoded = [encode_chat(template, c) for c in conversations]
     collate = ChatCollator(template.end_id, cfg.max_length or model.config.block_size)
 

@@ -35,6 +35,7 @@ __all__ = [
     "format_prompt",
     "instruction_loss",
     "load_instructions",
+    "pad_rows",
     "read_json_records",
     "read_string_records",
     "tokenize_instruction",
@@ -249,13 +250,23 @@ class InstructionCollator:
                 n = min(max(len(prompt) - 1, 0), len(targets))
                 targets[:n] = [self.ignore_index] * n
             rows.append((inputs, targets))
-        T = max(len(i) for i, _ in rows)
-        inputs = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
-        targets = torch.full((len(rows), T), self.ignore_index, dtype=torch.long)
-        for b, (i, t) in enumerate(rows):
-            inputs[b, : len(i)] = torch.tensor(i, dtype=torch.long)
-            targets[b, : len(t)] = torch.tensor(t, dtype=torch.long)
-        return inputs, targets
+        return pad_rows(rows, self.pad_id, self.ignore_index)
+
+
+def pad_rows(
+    rows: Sequence[tuple[Sequence[int], Sequence[int]]],
+    pad_id: int,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[Tensor, Tensor]:
+    """``(inputs, targets)`` rows of any lengths, right-padded into two (B, T) long
+    tensors: inputs with ``pad_id``, targets with ``ignore_index`` (skipped by the loss)."""
+    T = max(len(i) for i, _ in rows)
+    inputs = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), T), ignore_index, dtype=torch.long)
+    for b, (i, t) in enumerate(rows):
+        inputs[b, : len(i)] = torch.tensor(list(i), dtype=torch.long)
+        targets[b, : len(t)] = torch.tensor(list(t), dtype=torch.long)
+    return inputs, targets
 
 
 def instruction_loss(model: GPT, inputs: Tensor, targets: Tensor) -> Tensor:
