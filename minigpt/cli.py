@@ -507,6 +507,11 @@ def main(argv: list[str] | None = None) -> int:
         if debug or not isinstance(e.code, str):
             raise  # --help and the like exit 0 on their own
         message = e.code
+    except KeyboardInterrupt:  # Ctrl-C while a checkpoint loads, before a command's own handling
+        if debug:
+            raise
+        print("minigpt: interrupted", file=sys.stderr)
+        return 130
     except (CheckpointError, DataError, TrainingDivergedError) as e:
         if debug:
             raise

@@ -135,3 +135,16 @@ def test_example_config_is_valid():
     GPTConfig(vocab_size=65, **cfg["model"])
     TrainConfig.from_dict(cfg["train"])
     assert cfg["data"]["tokenizer"] == "char"
+
+
+@pytest.mark.parametrize("command", ["sample", "eval", "chat"])
+def test_ctrl_c_while_loading_is_one_line_and_exit_130(command, tmp_path, monkeypatch, capsys):
+    import minigpt.cli as cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_load_checkpoint", interrupted)
+    assert main([command, str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert err == "minigpt: interrupted\n"
