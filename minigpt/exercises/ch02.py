@@ -469,7 +469,7 @@ torch.manual_seed(0)
 w_in = nn.Parameter(0.1 * torch.randn(V_words, D))
 w_out = nn.Parameter(0.1 * torch.randn(V_words, D))
 opt = torch.optim.Adam([w_in, w_out], lr=0.05)
-for step in range(60):
+for _ in range(60):
     S = w_in @ w_out.T  # (V, V)
     loss = -(weight * F.logsigmoid(S) - negatives * S).sum() / total
     opt.zero_grad()

@@ -475,6 +475,10 @@ entropies = {"T=0.5": entropy(logits, 0.5), "T=2": entropy(logits, 2.0)}
                 "T=2": math.log(65),
             },
             "the entropy in bits, not nats": {k: v / math.log(2) for k, v in truth.items()},
+            "the entropy of the lesson's four-logit example, not of these 65 logits": {
+                k: _entropy(torch.tensor([2.0, 1.0, 0.5, -1.0]), t)
+                for k, t in (("T=0.5", 0.5), ("T=2", 2.0))
+            },
             "the logits multiplied by T instead of divided": {
                 "T=0.5": truth["T=2"],
                 "T=2": truth["T=0.5"],

@@ -669,6 +669,7 @@ fraction = scored / total
             ],
             "the fraction without the end-of-answer token": f["no_eos"],
             "the fraction of prompt targets, the ones the mask hides": f["prompt"],
+            "the share of kept targets in the lesson's toy batch (3 of 8)": 3 / 8,
         }
 
 
