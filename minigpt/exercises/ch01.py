@@ -483,8 +483,8 @@ BPE never need an "unknown" token?
     options = (
         Option(
             "Its training text happened to contain every character the tokenizer meets later.",
-            "Your training text had only 60-odd distinct characters, all ASCII; an emoji was "
-            "never in it, and it still encodes.",
+            "Your training text had fewer than 60 distinct characters, all ASCII; an emoji "
+            "was never in it, and it still encodes.",
         ),
         Option(
             "Characters it never saw are dropped before encoding.",

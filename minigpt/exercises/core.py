@@ -687,7 +687,12 @@ class Experiment(Question):
 
     def _check(self, answer: Any) -> str:
         got = self._read(answer)
-        truth = self.truth()
+        try:
+            truth = self.truth()
+        except Exception as e:  # no data offline, say: the check cannot judge
+            raise Incorrect(
+                f"the check could not run the experiment itself: {_describe(e)}"
+            ) from None
         for key, want in truth.items():
             value = got[key]
             label = f"{key!r}: " if key else ""
