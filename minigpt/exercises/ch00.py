@@ -13,9 +13,20 @@ from itertools import pairwise
 
 import torch
 
-from minigpt.exercises.core import Incorrect, Question, call, close, ints, number
+from minigpt.exercises.core import (
+    Experiment,
+    Incorrect,
+    MultipleChoice,
+    Option,
+    Question,
+    call,
+    close,
+    ints,
+    number,
+    shakespeare,
+)
 
-__all__ = ["q1", "q2", "q3", "q4", "q5", "q6"]
+__all__ = ["q1", "q2", "q3", "q4", "q5", "q6", "q7", "q8"]
 
 # Small inputs the checks try; each one has a trap for a common mistake
 # (repeated letters, a pair that only appears if you wrap around, ...).
@@ -366,3 +377,116 @@ def greedy(probs, start_id, n):
 
 
 q6 = Greedy()
+
+
+# ---------------------------------------------------------------- q7, q8: less data, and why
+
+
+def _bigram_nll(train: str, texts: tuple[str, ...], chars: list[str]) -> list[float]:
+    """Average NLL of each text under the add-one bigram counted in ``train``."""
+    stoi = {c: i for i, c in enumerate(chars)}
+    V = len(chars)
+    ids = torch.tensor([stoi[c] for c in train])
+    counts = torch.bincount(ids[:-1] * V + ids[1:], minlength=V * V).view(V, V).double() + 1
+    P = counts / counts.sum(dim=1, keepdim=True)  # (V, V)
+    out = []
+    for text in texts:
+        t = torch.tensor([stoi[c] for c in text])
+        out.append(-torch.log(P[t[:-1], t[1:]]).mean().item())
+    return out
+
+
+class LessData(Experiment):
+    name = "q7"
+    N = 5_000
+    question = f"""
+The lesson counted bigrams in the whole training text (1,003,854 characters). Count them
+in only its first **{N:,} characters** instead, with add-one smoothing and the full
+65-character vocabulary of Tiny Shakespeare. Report a dict with two average NLLs in nats:
+`"train"` on those {N:,} characters, and `"val"` on the lesson's validation text (the
+last 10%). Both within ±0.01.
+"""
+    keys = ("train", "val")
+    atol = 0.01
+    trivial = (0.0, 1.0, float(N))
+    _hint = """
+text = data.load_text("tinyshakespeare"); chars = sorted(set(text)); n = int(0.9 * len(text)).
+Take small = text[:n][:5000], count its pairs into a (65, 65) table, add 1, normalise the
+rows, and average -log P[a, b] over the pairs of small and of text[n:].
+"""
+    _solution = """
+from minigpt import data
+
+text = data.load_text("tinyshakespeare")
+chars = sorted(set(text))
+stoi = {c: i for i, c in enumerate(chars)}
+V, n = len(chars), int(0.9 * len(text))
+small, val = text[:n][:5000], text[n:]
+ids = torch.tensor([stoi[c] for c in small])
+counts = torch.bincount(ids[:-1] * V + ids[1:], minlength=V * V).view(V, V).float() + 1
+P = counts / counts.sum(dim=1, keepdim=True)  # (V, V)
+
+def nll(s):
+    t = torch.tensor([stoi[c] for c in s])
+    return -torch.log(P[t[:-1], t[1:]]).mean().item()
+
+losses = {"train": nll(small), "val": nll(val)}
+"""
+
+    def measure(self):
+        train, val = shakespeare()
+        chars = sorted(set(train + val))
+        small_train, small_val = _bigram_nll(train[: self.N], (train[: self.N], val), chars)
+        return {"train": small_train, "val": small_val}
+
+    def decoys(self):
+        train, val = shakespeare()
+        local = sorted(set(train[: self.N]) | set(val))
+        return {
+            "the lesson's loss with all of the training text": {"train": 2.4546, "val": 2.4819},
+            "the uniform model's ln 65": {"train": math.log(65), "val": math.log(65)},
+            "the loss with a vocabulary built from fewer characters than all 65": dict(
+                zip(self.keys, _bigram_nll(train[: self.N], (train[: self.N], val), local))
+            ),
+        }
+
+
+q7 = LessData()
+
+
+class WhyHeldOut(MultipleChoice):
+    name = "q8"
+    question = """
+With 5,000 training characters the bigram's training loss is lower than its validation
+loss, and the gap is wider than with the whole text. Why does the course judge a model by
+its loss on **held-out** text rather than on the text it was counted on?
+"""
+    options = (
+        Option(
+            "Held-out text is harder, so its loss is a stricter grade.",
+            "Harder is not the point: the validation text is more Shakespeare of the same "
+            "kind. What differs is that the model has not seen it.",
+        ),
+        Option(
+            "A model can score well on its training text by memorising it; only text it "
+            "has not seen shows how well it predicts new text.",
+            "The training loss rewards remembering the exact pairs counted; the loss on "
+            "unseen text measures what carries over, which is what predicting new text "
+            "needs. A small training text memorises more and carries over less.",
+        ),
+        Option(
+            "The validation loss is always the lower of the two, so it flatters the model less.",
+            "It is usually the higher one (your two numbers show it), and a grade should "
+            "be fair, not flattering or harsh.",
+        ),
+        Option(
+            "The validation text is short, so its loss is quicker to compute.",
+            "Speed is a side effect; a loss on the training text would be worth less even "
+            "if it were free to compute.",
+        ),
+    )
+    answer = "b"
+    _hint = "Think of a model that stored the training text word for word: what would each loss be?"
+
+
+q8 = WhyHeldOut()

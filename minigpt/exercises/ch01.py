@@ -10,10 +10,20 @@ from collections import Counter
 from functools import lru_cache
 from itertools import pairwise
 
-from minigpt.exercises.core import Incorrect, Question, call, ints, number
+from minigpt.exercises.core import (
+    Experiment,
+    Incorrect,
+    MultipleChoice,
+    Option,
+    Question,
+    call,
+    ints,
+    number,
+    shakespeare,
+)
 from minigpt.tokenizer import BPETokenizer, merge_pair
 
-__all__ = ["q1", "q2", "q3", "q4", "q5", "q6"]
+__all__ = ["q1", "q2", "q3", "q4", "q5", "q6", "q7", "q8"]
 
 EOT = "<|endoftext|>"
 
@@ -394,3 +404,107 @@ q3 = TrainBPE()
 q4 = CountTokens()
 q5 = SafeDecode()
 q6 = BytesPerToken()
+
+
+# ---------------------------------------------------------------- q7, q8: a small BPE, and bytes
+
+
+def _bytes_per_token(tok: BPETokenizer, text: str) -> float:
+    return len(text.encode("utf-8")) / len(tok.encode(text))
+
+
+class SmallBPE(Experiment):
+    name = "q7"
+    N, K = 20_000, 300
+    question = f"""
+The lesson trained its BPE on the first 90% of Tiny Shakespeare (about a million
+characters). Train one with `BPETokenizer.train` on only the first **{N:,} characters**
+of that training text, with **{K} merges**, and measure its bytes per token. Report a dict:
+`"train"` on those {N:,} characters, and `"heldout"` on the lesson's held-out text (the
+last 10%). Both within ±0.01.
+"""
+    keys = ("train", "heldout")
+    atol = 0.01
+    trivial = (0.0, 1.0, float(K), float(256 + K), float(N))
+    _hint = """
+vocab_size counts the 256 byte tokens too, so 300 merges is vocab_size = 256 + 300.
+Bytes per token of a text is len(text.encode("utf-8")) / len(tok.encode(text)).
+"""
+    _solution = """
+from minigpt import data
+from minigpt.tokenizer import BPETokenizer
+
+text = data.load_text("tinyshakespeare")
+n = int(0.9 * len(text))
+small, heldout = text[:n][:20_000], text[n:]
+tok = BPETokenizer.train(small, 256 + 300)  # 300 merges
+
+def bytes_per_token(s):
+    return len(s.encode("utf-8")) / len(tok.encode(s))
+
+bpt = {"train": bytes_per_token(small), "heldout": bytes_per_token(heldout)}
+"""
+
+    def _measure(self, vocab_size: int) -> dict[str, float]:
+        train, heldout = shakespeare()
+        tok = BPETokenizer.train(train[: self.N], vocab_size)
+        return {
+            "train": _bytes_per_token(tok, train[: self.N]),
+            "heldout": _bytes_per_token(tok, heldout),
+        }
+
+    def measure(self):
+        return self._measure(256 + self.K)
+
+    def decoys(self):
+        truth = self.truth()
+        return {
+            "the lesson's number for a vocabulary of 600 trained on all the training text": {
+                "heldout": 1.99
+            },
+            "the lesson's number for a vocabulary of 400": {"heldout": 1.71},
+            f"the tokenizer with vocab_size={self.K}: {self.K} must be the number of merges": (
+                self._measure(self.K)
+            ),
+            "tokens per byte, the other way up": {k: 1 / v for k, v in truth.items()},
+        }
+
+
+q7 = SmallBPE()
+
+
+class NoUnknownToken(MultipleChoice):
+    name = "q8"
+    question = """
+Your tokenizer saw only 20,000 characters of Shakespeare, yet it can encode an emoji, a
+Chinese sentence or a line of code, and decode them back exactly. Why does a byte-level
+BPE never need an "unknown" token?
+"""
+    options = (
+        Option(
+            "Its training text happened to contain every character the tokenizer meets later.",
+            "Your training text had fewer than 60 distinct characters, all ASCII; an emoji "
+            "was never in it, and it still encodes.",
+        ),
+        Option(
+            "Characters it never saw are dropped before encoding.",
+            "Nothing is dropped: decode(encode(text)) gives the text back byte for byte, "
+            "which it could not if anything were thrown away.",
+        ),
+        Option(
+            "Every text is a sequence of UTF-8 bytes, and all 256 byte values are tokens "
+            "from the start, so any text can be encoded (at worst one token per byte).",
+            "The merges only shorten what the bytes already spell. A character the training "
+            "text never had is encoded as its raw bytes: more tokens, never an unknown one.",
+        ),
+        Option(
+            "Its merges cover every possible pair of characters.",
+            "300 merges cover 300 frequent pairs, out of millions of possible ones; a pair "
+            "with no merge simply stays two tokens.",
+        ),
+    )
+    answer = "c"
+    _hint = "What are the first 256 ids of the vocabulary, before any merge?"
+
+
+q8 = NoUnknownToken()

@@ -6,9 +6,12 @@ import torch
 import torch.nn.functional as F
 
 from minigpt.exercises.core import (
+    Experiment,
     Incorrect,
     LearnerError,
+    MultipleChoice,
     NotAttempted,
+    Option,
     Question,
     call,
     close,
@@ -16,7 +19,7 @@ from minigpt.exercises.core import (
 )
 from minigpt.exercises.shortcuts import Shortcut, forbid
 
-__all__ = ["q1", "q2", "q3", "q4", "q5"]
+__all__ = ["q1", "q2", "q3", "q4", "q5", "q6", "q7"]
 
 
 def _one_hot_lookup(ids, W):
@@ -370,3 +373,166 @@ q2 = Sinusoidal()
 q3 = Nearest()
 q4 = Rope()
 q5 = PositionsWithOffset()
+
+
+# ---------------------------------------------------------------- q6, q7: word vectors, order
+
+
+def _word_vector_cosines(V_words: int, D: int, steps: int) -> dict[str, dict[str, float]]:
+    """The lesson's SGNS training at another setting: cosines of w_in and of w_out rows."""
+    import collections
+    import re
+
+    from torch import nn
+
+    from minigpt.exercises.core import shakespeare
+
+    train, val = shakespeare()
+    words = re.findall(r"[a-z']+", (train + val).lower())
+    vocab = [w for w, _ in collections.Counter(words).most_common(V_words)]
+    stoi = {w: i for i, w in enumerate(vocab)}
+    ids = torch.tensor([stoi.get(w, -1) for w in words])
+    X = torch.zeros(V_words, V_words)
+    for off in range(1, 5):  # a window of 4 words
+        a, b = ids[:-off], ids[off:]
+        ok = (a >= 0) & (b >= 0)
+        ones = torch.ones(int(ok.sum()))
+        X.index_put_((a[ok], b[ok]), ones, accumulate=True)
+        X.index_put_((b[ok], a[ok]), ones, accumulate=True)
+    noise = X.sum(0) ** 0.75
+    negatives = 5 * X.sum(1, keepdim=True) * (noise / noise.sum())[None, :]
+    weight, total = X + negatives, X.sum()
+    torch.manual_seed(0)
+    w_in = nn.Parameter(0.1 * torch.randn(V_words, D))
+    w_out = nn.Parameter(0.1 * torch.randn(V_words, D))
+    opt = torch.optim.Adam([w_in, w_out], lr=0.05)
+    for _ in range(steps):
+        S = w_in @ w_out.T  # (V, V)
+        loss = -(weight * F.logsigmoid(S) - negatives * S).sum() / total
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    out = {}
+    for side, W in (("in", w_in), ("out", w_out)):
+        E = F.normalize(W.detach(), dim=1)
+        out[side] = {
+            pair: (E[stoi[a]] @ E[stoi[b]]).item()
+            for pair in ("my/thy", "king/sword")
+            for a, b in [pair.split("/")]
+        }
+    return out
+
+
+class WordVectors(Experiment):
+    name = "q6"
+    question = """
+Rerun the lesson's word2vec training (section 2) with a smaller setting: keep the
+**500** most frequent words (not 1,500), vectors of size **D = 32** (not 64), and **60**
+Adam steps, everything else as in the lesson (window 4, k = 5, `torch.manual_seed(0)`
+just before drawing `w_in` then `w_out`, lr 0.05). Report the cosine similarity of the
+trained `w_in` vectors for two pairs: `{"my/thy": ..., "king/sword": ...}`, each within
+±0.02.
+"""
+    keys = ("my/thy", "king/sword")
+    atol = 0.02
+    trivial = (0.0, 1.0, -1.0)
+    _hint = """
+Copy the lesson's three cells (words, co-occurrence matrix X, training loop) and change
+only V_words = 500, D = 32. The cosine of two rows is their dot product after
+F.normalize(w_in.detach(), dim=1).
+"""
+    _solution = """
+# the lesson's cells with V_words = 500 and D = 32; 60 steps as there
+import collections
+import re
+
+from torch import nn
+import torch.nn.functional as F
+from minigpt import data
+
+words = re.findall(r"[a-z']+", data.load_text("tinyshakespeare").lower())
+V_words, D = 500, 32
+vocab = [w for w, _ in collections.Counter(words).most_common(V_words)]
+stoi = {w: i for i, w in enumerate(vocab)}
+ids = torch.tensor([stoi.get(w, -1) for w in words])
+X = torch.zeros(V_words, V_words)
+for off in range(1, 5):
+    a, b = ids[:-off], ids[off:]
+    ok = (a >= 0) & (b >= 0)
+    ones = torch.ones(int(ok.sum()))
+    X.index_put_((a[ok], b[ok]), ones, accumulate=True)
+    X.index_put_((b[ok], a[ok]), ones, accumulate=True)
+noise = X.sum(0) ** 0.75
+negatives = 5 * X.sum(1, keepdim=True) * (noise / noise.sum())[None, :]
+weight, total = X + negatives, X.sum()
+torch.manual_seed(0)
+w_in = nn.Parameter(0.1 * torch.randn(V_words, D))
+w_out = nn.Parameter(0.1 * torch.randn(V_words, D))
+opt = torch.optim.Adam([w_in, w_out], lr=0.05)
+for _ in range(60):
+    S = w_in @ w_out.T  # (V, V)
+    loss = -(weight * F.logsigmoid(S) - negatives * S).sum() / total
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+E = F.normalize(w_in.detach(), dim=1)
+cosines = {p: (E[stoi[p.split("/")[0]]] @ E[stoi[p.split("/")[1]]]).item()
+           for p in ("my/thy", "king/sword")}
+"""
+
+    def _runs(self) -> dict[str, dict[str, float]]:
+        cached = self.__dict__.get("_both")
+        if cached is None:
+            cached = self.__dict__["_both"] = _word_vector_cosines(500, 32, 60)
+        return cached
+
+    def measure(self):
+        return self._runs()["in"]
+
+    def decoys(self):
+        return {
+            "the lesson's cosine with 1,500 words and D = 64": {"my/thy": 0.59, "king/sword": 0.25},
+            "the cosine of the context vectors w_out, not of the word vectors w_in": (
+                self._runs()["out"]
+            ),
+        }
+
+
+q6 = WordVectors()
+
+
+class WhyPositions(MultipleChoice):
+    name = "q7"
+    question = """
+A self-attention layer with **no mask** and **no position information** reads the token
+embeddings of "dog bites man" and of "man bites dog". What does it see?
+"""
+    options = (
+        Option(
+            'Two different inputs: the embedding of "dog" depends on where the token stands.',
+            "An embedding is a row lookup: token id in, the same row out, wherever the token "
+            "stands. The place is exactly what the lookup leaves out.",
+        ),
+        Option(
+            "Two different inputs, because the softmax weights depend on the order of the keys.",
+            "Softmax and the weighted sum treat the keys as a set: reorder the keys (with "
+            "their values) and every output stays the same.",
+        ),
+        Option(
+            "Nothing: attention raises an error on inputs without positions.",
+            "It runs without complaint; that is what makes the problem easy to miss. It "
+            "just cannot use the order.",
+        ),
+        Option(
+            "The same three vectors in another order: each word gets the same output in both "
+            "sentences, so the order must be added to the embeddings.",
+            "Attention without a mask is permutation-equivariant: permute the tokens and the "
+            "outputs are permuted the same way, nothing else changes. Adding a position "
+            "vector (learned, sinusoidal) or rotating q and k (RoPE) gives it the order.",
+        ),
+    )
+    answer = "d"
+    _hint = "Swap two tokens of the input: which scores change, and how?"
+
+
+q7 = WhyPositions()

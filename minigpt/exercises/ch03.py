@@ -7,10 +7,19 @@ import math
 import torch
 
 from minigpt import attention as package_attention
-from minigpt.exercises.core import Incorrect, Question, call, close, tensor
+from minigpt.exercises.core import (
+    Experiment,
+    Incorrect,
+    MultipleChoice,
+    Option,
+    Question,
+    call,
+    close,
+    tensor,
+)
 from minigpt.exercises.shortcuts import Shortcut, forbid
 
-__all__ = ["q1", "q2", "q3", "q4", "q5"]
+__all__ = ["q1", "q2", "q3", "q4", "q5", "q6", "q7"]
 
 
 class CausalMask(Question):
@@ -259,3 +268,107 @@ q2 = AttentionByHand()
 q3 = SplitHeads()
 q4 = MergeHeads()
 q5 = RepeatKV()
+
+
+# ---------------------------------------------------------------- q6, q7: the scale, and why
+
+
+def _max_weights(d: int, n_keys: int, seed: int = 1, n: int = 2000) -> dict[str, float]:
+    """The mean largest attention weight of random q, k: raw scores and scores / sqrt(d)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, d, generator=g)
+    k = torch.randn(n, n_keys, d, generator=g)
+    s = (k @ q[:, :, None]).squeeze(-1)  # (n, n_keys) raw scores
+    return {
+        "raw": torch.softmax(s, -1).max(-1).values.mean().item(),
+        "scaled": torch.softmax(s / math.sqrt(d), -1).max(-1).values.mean().item(),
+    }
+
+
+class ScaleExperiment(Experiment):
+    name = "q6"
+    question = """
+The lesson measured the mean largest attention weight for 8 keys per query. Measure it
+for **d = 32** with **16 keys** per query: 2,000 queries, drawn as in the lesson
+(`g = torch.Generator().manual_seed(1)`, then `q` of shape `(2000, 32)`, then `k` of
+shape `(2000, 16, 32)`). Report `{"raw": ..., "scaled": ...}`: the mean over queries of
+the largest softmax weight of the raw scores `q·k`, and of the scores divided by √d.
+Each within ±0.02.
+"""
+    keys = ("raw", "scaled")
+    atol = 0.02
+    trivial = (0.0, 1.0, 1 / 16, 32.0, 16.0)
+    _hint = """
+s = (k @ q[:, :, None]).squeeze(-1) gives the (2000, 16) scores. The largest weight of
+each row is torch.softmax(s, -1).max(-1).values; average it over the 2000 rows.
+"""
+    _solution = """
+import math
+
+g = torch.Generator().manual_seed(1)
+q = torch.randn(2000, 32, generator=g)
+k = torch.randn(2000, 16, 32, generator=g)  # 16 keys per query
+s = (k @ q[:, :, None]).squeeze(-1)  # (2000, 16) raw scores
+weights = {
+    "raw": torch.softmax(s, -1).max(-1).values.mean().item(),
+    "scaled": torch.softmax(s / math.sqrt(32), -1).max(-1).values.mean().item(),
+}
+"""
+
+    def measure(self):
+        return _max_weights(32, 16)
+
+    def decoys(self):
+        return {
+            "the lesson's number for d = 16 with 8 keys": {"raw": 0.75, "scaled": 0.36},
+            "the lesson's number for d = 64 with 8 keys": {"raw": 0.88, "scaled": 0.36},
+            "the number for 8 keys per query, not 16": _max_weights(32, 8),
+            "the scores divided by d, not by its square root": {"scaled": _scaled_by(32, 16, 32.0)},
+        }
+
+
+def _scaled_by(d: int, n_keys: int, divisor: float) -> float:
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2000, d, generator=g)
+    k = torch.randn(2000, n_keys, d, generator=g)
+    s = (k @ q[:, :, None]).squeeze(-1)
+    return torch.softmax(s / divisor, -1).max(-1).values.mean().item()
+
+
+q6 = ScaleExperiment()
+
+
+class WhySqrtD(MultipleChoice):
+    name = "q7"
+    question = """
+Why does attention divide the scores `q·k` by √d (d the head size) before the softmax?
+"""
+    options = (
+        Option(
+            "To make the attention weights of each query sum to 1.",
+            "The softmax makes them sum to 1 whatever the scale of the scores; the division "
+            "changes how peaked they are, not their sum.",
+        ),
+        Option(
+            "To normalise the query and key vectors to length 1, so the score is a cosine.",
+            "A vector of d unit-variance entries has length about √d, but dividing by √d once "
+            "is not dividing by both lengths: the score is no cosine and can exceed 1.",
+        ),
+        Option(
+            "The dot product of two random d-dimensional vectors has variance d; dividing "
+            "by √d keeps the scores at unit variance, so the softmax does not collapse onto "
+            "one key and its gradients do not vanish, whatever the head size.",
+            "Your experiment shows it: raw scores put most of the weight on one key already "
+            "at d = 32, scaled ones stay spread out as in the lesson at every d.",
+        ),
+        Option(
+            "To make attention cheaper to compute.",
+            "One division costs the same as none in practice, and it changes no shapes; it "
+            "is there for what it does to the softmax.",
+        ),
+    )
+    answer = "c"
+    _hint = "What is the variance of a sum of d products of independent unit-variance numbers?"
+
+
+q7 = WhySqrtD()

@@ -13,11 +13,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minigpt.exercises.core import Incorrect, Question, call, call_modifying, close, number
+from minigpt.exercises.core import (
+    Experiment,
+    Incorrect,
+    MultipleChoice,
+    Option,
+    Question,
+    call,
+    call_modifying,
+    close,
+    number,
+)
 from minigpt.exercises.shortcuts import Shortcut, forbid
 from minigpt.model import Block
 
-__all__ = ["q1", "q2", "q3", "q4", "q5"]
+__all__ = ["q1", "q2", "q3", "q4", "q5", "q6", "q7"]
 
 
 def _layer_norm_inputs() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -371,3 +381,94 @@ q2 = CountParameters()
 q3 = BlockForward()
 q4 = TieWeights()
 q5 = RMSNormByHand()
+
+
+# ---------------------------------------------------------------- q6, q7: counting a tied model
+
+
+_CONFIG = dict(vocab_size=5000, block_size=128, n_layer=3, n_head=4, n_embd=96)
+
+
+class CountTiedUntied(Experiment):
+    name = "q6"
+    question = """
+Build `GPT(GPTConfig(vocab_size=5000, block_size=128, n_layer=3, n_head=4, n_embd=96))`
+twice, with `tie_weights=True` (the default) and with `tie_weights=False`, and count the
+parameters of each (a shared matrix counts once). Report
+`{"tied": ..., "untied": ...}`, exactly.
+"""
+    keys = ("tied", "untied")
+    integer = True
+    trivial = (0, 1, *_CONFIG.values())
+    _hint = """
+model.num_parameters() counts them, and so does sum(p.numel() for p in model.parameters()):
+model.parameters() yields a tied matrix once.
+"""
+    _solution = """
+from minigpt.model import GPT, GPTConfig
+
+config = dict(vocab_size=5000, block_size=128, n_layer=3, n_head=4, n_embd=96)
+counts = {
+    "tied": GPT(GPTConfig(**config)).num_parameters(),
+    "untied": GPT(GPTConfig(**config, tie_weights=False)).num_parameters(),
+}
+"""
+
+    def measure(self):
+        from minigpt.model import GPT, GPTConfig
+
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            return {
+                "tied": GPT(GPTConfig(**_CONFIG)).num_parameters(),
+                "untied": GPT(GPTConfig(**_CONFIG, tie_weights=False)).num_parameters(),
+            }
+
+    def decoys(self):
+        truth = self.truth()
+        T, C = _CONFIG["block_size"], _CONFIG["n_embd"]
+        return {
+            "the other count: tied and untied are swapped": {
+                "tied": truth["untied"],
+                "untied": truth["tied"],
+            },
+            "GPT-2 small's count from the lesson": {"tied": 124_439_808, "untied": 124_439_808},
+            "the count without the position embeddings": {k: v - T * C for k, v in truth.items()},
+        }
+
+
+q6 = CountTiedUntied()
+
+
+class WhatTyingShares(MultipleChoice):
+    name = "q7"
+    question = """
+Your two counts differ by exactly `vocab_size × n_embd`. What does weight tying share?
+"""
+    options = (
+        Option(
+            "The weights of the blocks: every layer reuses the first block's attention and MLP.",
+            "Sharing the blocks across layers is another idea (ALBERT's). It would change "
+            "the count by a multiple of a block's size, not by vocab_size × n_embd.",
+        ),
+        Option(
+            "The query and key projections, so that attention compares like with like.",
+            "Queries and keys keep their own weights in GPT; tying them would save "
+            "n_embd × n_embd per layer, not vocab_size × n_embd.",
+        ),
+        Option(
+            "The token embedding and the position embedding tables.",
+            "Those have different shapes, (vocab_size, n_embd) and (block_size, n_embd), so "
+            "they cannot be one matrix.",
+        ),
+        Option(
+            "The token embedding matrix is also the output head: the logit of token i is "
+            "the final hidden state dotted with token i's embedding row.",
+            "One (vocab_size, n_embd) matrix reads tokens in and scores them out. It saves "
+            "that many parameters, and a token's input and output vectors learn together.",
+        ),
+    )
+    answer = "d"
+    _hint = "Which two layers of GPT have a weight of shape (vocab_size, n_embd)?"
+
+
+q7 = WhatTyingShares()

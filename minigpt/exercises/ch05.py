@@ -14,11 +14,21 @@ import torch.nn.functional as F
 import torch.nn.utils.clip_grad
 
 from minigpt import optim as package_optim
-from minigpt.exercises.core import Incorrect, Question, call, close, number, tensor
+from minigpt.exercises.core import (
+    Experiment,
+    Incorrect,
+    MultipleChoice,
+    Option,
+    Question,
+    call,
+    close,
+    number,
+    tensor,
+)
 from minigpt.exercises.shortcuts import Shortcut, forbid
 from minigpt.tokens import TokenDataset
 
-__all__ = ["q1", "q2", "q3", "q4", "q5"]
+__all__ = ["q1", "q2", "q3", "q4", "q5", "q6", "q7"]
 
 
 def _data() -> torch.Tensor:
@@ -372,3 +382,154 @@ q2 = CrossEntropy()
 q3 = AdamWStep()
 q4 = Schedule()
 q5 = ClipGradients()
+
+
+# ---------------------------------------------------------------- q6, q7: a short run, and ln V
+
+
+_RECIPE = dict(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32)
+_STEPS, _LR = 60, 3e-3
+
+
+def _shakespeare_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed (8, 32) batch of character ids of Tiny Shakespeare's training text."""
+    from minigpt.exercises.core import shakespeare
+
+    train, val = shakespeare()
+    stoi = {c: i for i, c in enumerate(sorted(set(train + val)))}
+    ids = torch.tensor([stoi[c] for c in train])
+    offsets = torch.randint(len(ids) - 32, (8,), generator=torch.Generator().manual_seed(3))
+    x = torch.stack([ids[i : i + 32] for i in offsets])  # (B, T)
+    y = torch.stack([ids[i + 1 : i + 33] for i in offsets])  # (B, T)
+    return x, y
+
+
+def _short_run(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    from minigpt.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**_RECIPE))
+    opt = torch.optim.AdamW(model.parameters(), lr=_LR, weight_decay=0.0)
+    out = {}
+    for step in range(_STEPS):
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        if step == 0:
+            out["initial"] = loss.item()
+            out["grad_norm"] = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters()))
+            out["wte_grad_norm"] = model.wte.weight.grad.norm().item()
+        opt.step()
+    with torch.no_grad():
+        out["loss"] = model(x, y)[1].item()
+    out["grad_norm"] = float(out["grad_norm"])
+    return out
+
+
+class ShortRun(Experiment):
+    name = "q6"
+    question = f"""
+Train a fresh model on one fixed batch, `x, y = ch05.q6.batch()` (8 windows of 32
+characters of Tiny Shakespeare, ids of the lesson's 65-character tokenizer): seed with
+`torch.manual_seed(0)` just before building `GPT(GPTConfig(vocab_size=65, block_size=32,
+n_layer=2, n_head=2, n_embd=32))`, and run **{_STEPS} steps** of
+`torch.optim.AdamW(model.parameters(), lr={_LR}, weight_decay=0.0)`, one
+`model(x, y)`, `zero_grad`, `backward`, `step` each. Report
+`{{"grad_norm": ..., "loss": ...}}`: the global gradient norm (the square root of the sum
+of every parameter gradient's squares) at the first step, before the optimizer moved
+anything, and the loss on `(x, y)` after the {_STEPS} steps. Each within ±0.01.
+"""
+    keys = ("grad_norm", "loss")
+    atol = 0.01
+    trivial = (0.0, 1.0, float(_STEPS), _LR, 65.0)
+    _hint = """
+model(x, y) returns (logits, loss). After loss.backward() at step 0, the global norm is
+torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters())), which is also what
+torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")) returns. The last loss
+is one more model(x, y) after the loop.
+"""
+    _solution = f"""
+from minigpt.model import GPT, GPTConfig
+
+x, y = ch05.q6.batch()
+torch.manual_seed(0)
+model = GPT(GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32))
+opt = torch.optim.AdamW(model.parameters(), lr={_LR}, weight_decay=0.0)
+for step in range({_STEPS}):
+    _, loss = model(x, y)
+    opt.zero_grad()
+    loss.backward()
+    if step == 0:
+        grad_norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters())).item()
+    opt.step()
+with torch.no_grad():
+    final_loss = model(x, y)[1].item()
+run = {{"grad_norm": grad_norm, "loss": final_loss}}
+"""
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The experiment's batch: inputs and targets, both (8, 32) int64."""
+        return _shakespeare_batch()
+
+    def _run(self) -> dict[str, float]:
+        cached = self.__dict__.get("_all")
+        if cached is None:
+            cached = self.__dict__["_all"] = _short_run(*self.batch())
+        return cached
+
+    def measure(self):
+        run = self._run()
+        return {"grad_norm": run["grad_norm"], "loss": run["loss"]}
+
+    def decoys(self):
+        run = self._run()
+        return {
+            "the loss before training (about ln 65)": {"loss": run["initial"]},
+            "ln 65, the uniform model's loss": {"loss": math.log(65)},
+            "the lesson's initial loss": {"loss": 4.209},
+            "the gradient norm of the token embedding alone, not of every parameter": {
+                "grad_norm": run["wte_grad_norm"]
+            },
+            "the lesson's gradient norm of the token embedding": {"grad_norm": 0.7657},
+            "the squared norm (no square root)": {"grad_norm": run["grad_norm"] ** 2},
+        }
+
+
+q6 = ShortRun()
+
+
+class WhyLnV(MultipleChoice):
+    name = "q7"
+    question = """
+Before any training, a GPT over 65 characters has a loss close to ln 65 ≈ 4.17 (the
+lesson's 4.209, and the loss at the first step of your run). Why is that the loss to expect?
+"""
+    options = (
+        Option(
+            "Cross-entropy is divided by ln V, so every loss is measured against it.",
+            "Nothing divides by ln V: cross-entropy is the plain average of -log p of the "
+            "right token. ln V only appears because of what a fresh model predicts.",
+        ),
+        Option(
+            "No model can have a loss below ln V, and a fresh one starts at that floor.",
+            "ln V is a ceiling to beat, not a floor: your run took the loss well below it in "
+            "60 steps, and the trained course model reaches about 1.5.",
+        ),
+        Option(
+            "Small random weights give small, nearly equal logits, so the softmax gives every "
+            "token about 1/V, and -ln(1/V) = ln V.",
+            "A fresh model knows nothing and says so: close to the uniform guess. A first "
+            "loss much above ln V means over-confident wrong predictions, a sign of a bug "
+            "or a bad initialisation.",
+        ),
+        Option(
+            "The initialisation gives the model the character frequencies of the text.",
+            "The weights are drawn at random, before any text is read; knowing the "
+            "frequencies would give the unigram loss (3.35 in chapter 00), not ln 65.",
+        ),
+    )
+    answer = "c"
+    _hint = "What does softmax give when all V logits are (nearly) equal?"
+
+
+q7 = WhyLnV()

@@ -14,9 +14,18 @@ import math
 import torch
 import torch.nn.functional as F
 
-from minigpt.exercises.core import Incorrect, Question, call, close, tensor
+from minigpt.exercises.core import (
+    Experiment,
+    Incorrect,
+    MultipleChoice,
+    Option,
+    Question,
+    call,
+    close,
+    tensor,
+)
 
-__all__ = ["q1", "q2", "q3", "q4", "q5"]
+__all__ = ["q1", "q2", "q3", "q4", "q5", "q6", "q7"]
 
 
 def _logits(seed: int, *shape: int) -> torch.Tensor:
@@ -415,3 +424,101 @@ def repetition_penalty(logits, ids, penalty):
 
 
 q5 = RepetitionPenalty()
+
+
+# ---------------------------------------------------------------- q6, q7: entropy, and T = 0
+
+
+def _entropy(logits: torch.Tensor, temperature: float) -> float:
+    logp = torch.log_softmax(logits.double() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum().item()
+
+
+class EntropyAtTemperature(Experiment):
+    name = "q6"
+    question = """
+`ch06.q6.logits()` returns the 65 logits of one next-character prediction (a seeded
+stand-in for a model's output). Compute the **entropy** of the next-token distribution,
+H = -Σ p log p in **nats** (natural log), at temperature **0.5** and at temperature **2**.
+Report `{"T=0.5": ..., "T=2": ...}`, each within ±0.01.
+"""
+    keys = ("T=0.5", "T=2")
+    atol = 0.01
+    trivial = (0.0, 1.0, 0.5, 2.0, 65.0)
+    _hint = """
+p = torch.softmax(logits / T, dim=-1) is the distribution at temperature T; its entropy
+is -(p * p.log()).sum().
+"""
+    _solution = """
+def entropy(logits, T):
+    p = torch.softmax(logits / T, dim=-1)
+    return -(p * p.log()).sum().item()
+
+logits = ch06.q6.logits()
+entropies = {"T=0.5": entropy(logits, 0.5), "T=2": entropy(logits, 2.0)}
+"""
+
+    def logits(self) -> torch.Tensor:
+        """The experiment's logits, shape (65,)."""
+        return 2.5 * torch.randn(65, generator=torch.Generator().manual_seed(6))
+
+    def measure(self):
+        return {"T=0.5": _entropy(self.logits(), 0.5), "T=2": _entropy(self.logits(), 2.0)}
+
+    def decoys(self):
+        truth = self.truth()
+        at_one = _entropy(self.logits(), 1.0)
+        return {
+            "the entropy at temperature 1": {"T=0.5": at_one, "T=2": at_one},
+            "ln 65, the entropy of the uniform distribution (T → ∞)": {
+                "T=0.5": math.log(65),
+                "T=2": math.log(65),
+            },
+            "the entropy in bits, not nats": {k: v / math.log(2) for k, v in truth.items()},
+            "the entropy of the lesson's four-logit example, not of these 65 logits": {
+                k: _entropy(torch.tensor([2.0, 1.0, 0.5, -1.0]), t)
+                for k, t in (("T=0.5", 0.5), ("T=2", 2.0))
+            },
+            "the logits multiplied by T instead of divided": {
+                "T=0.5": truth["T=2"],
+                "T=2": truth["T=0.5"],
+            },
+        }
+
+
+q6 = EntropyAtTemperature()
+
+
+class TemperatureZero(MultipleChoice):
+    name = "q7"
+    question = """
+Your entropy fell as the temperature went down. What does sampling at **temperature 0**
+mean?
+"""
+    options = (
+        Option(
+            "Sampling from the uniform distribution: every token equally likely.",
+            "That is the other end, T → ∞, where the logits divided by T all go to 0 and the "
+            "entropy rises to ln V.",
+        ),
+        Option(
+            "Sampling from the model's own distribution, unchanged.",
+            "That is temperature 1: dividing the logits by 1 leaves them as they are.",
+        ),
+        Option(
+            "Generation stops: no token is produced at temperature 0.",
+            "Generation goes on as usual; only the choice of each token changes.",
+        ),
+        Option(
+            "The limit T → 0, where all probability goes to the largest logit: greedy "
+            "decoding, the argmax at every step.",
+            "Dividing by 0 itself is undefined, so samplers treat T = 0 as argmax (as "
+            "minigpt.generate does). The entropy is 0: the same prompt always gives the "
+            "same text.",
+        ),
+    )
+    answer = "d"
+    _hint = "Divide the logits by a smaller and smaller T: what happens to the gap between the largest and the rest?"
+
+
+q7 = TemperatureZero()

@@ -8,11 +8,22 @@ import string
 import torch
 
 from minigpt import tasks
-from minigpt.exercises.core import Incorrect, Question, call, close, ints, number, tensor
+from minigpt.exercises.core import (
+    Experiment,
+    Incorrect,
+    MultipleChoice,
+    Option,
+    Question,
+    call,
+    close,
+    ints,
+    number,
+    tensor,
+)
 from minigpt.exercises.shortcuts import Shortcut, forbid
 from minigpt.instruct import InstructionCollator
 
-__all__ = ["q1", "q2", "q3", "q4", "q5", "q6", "q7", "q8"]
+__all__ = ["q1", "q2", "q3", "q4", "q5", "q6", "q7", "q8", "q9", "q10"]
 
 
 class LastTokenStates(Question):
@@ -598,3 +609,107 @@ q5 = LoRACount()
 q6 = TextLogLikelihood()
 q7 = CheckSort()
 q8 = TaskTrainingRow()
+
+
+# ---------------------------------------------------------------- q9, q10: what the loss scores
+
+
+def _scored_fractions() -> dict[str, float]:
+    """Scored share of the target positions of the q9 tasks, pooled and in other readings."""
+    from minigpt.assistant import task_prompt
+
+    examples = tasks.make_tasks("held_out", 20, seed=5)
+    prompts = [len(task_prompt(ex)) for ex in examples]  # one token per character
+    answers = [len(ex.answer) for ex in examples]
+    targets = [p + a for p, a in zip(prompts, answers)]  # prompt + answer + eos, minus one
+    return {
+        "pooled": sum(a + 1 for a in answers) / sum(targets),
+        "mean_of_rows": sum((a + 1) / t for a, t in zip(answers, targets)) / len(examples),
+        "no_eos": sum(answers) / (sum(targets) - len(examples)),
+        "prompt": sum(p - 1 for p in prompts) / sum(targets),
+    }
+
+
+class ScoredFraction(Experiment):
+    name = "q9"
+    question = """
+Build the masked training row of every task in `tasks.make_tasks("held_out", 20,
+seed=5)` (180 tasks), as in question 8: prompt `task_prompt(example)`, answer
+`example.answer`, one token per character, and an end-of-answer token after the answer.
+Over all 180 rows together, what **fraction of the target positions** does the loss
+score (targets that are not -100)? Report one number within ±0.001.
+"""
+    atol = 0.001
+    trivial = (0.0, 1.0, 20.0, 180.0, 5.0)
+    _hint = """
+Your task_example_ids from question 8 with a character encoding (encode = lambda s: [ord(c)
+for c in s] will do, eos_id = 0) gives each row; count the targets != -100 and all the
+targets, summed over the rows, and divide the two sums.
+"""
+    _solution = """
+from minigpt import tasks
+from minigpt.assistant import task_prompt
+
+scored = total = 0
+for ex in tasks.make_tasks("held_out", 20, seed=5):
+    inputs, targets = task_example_ids(task_prompt(ex), ex.answer, lambda s: [ord(c) for c in s], 0)
+    scored += sum(t != -100 for t in targets)
+    total += len(targets)
+fraction = scored / total
+"""
+
+    def measure(self):
+        return _scored_fractions()["pooled"]
+
+    def decoys(self):
+        f = _scored_fractions()
+        return {
+            "the mean of each row's fraction, not the fraction over all rows together": f[
+                "mean_of_rows"
+            ],
+            "the fraction without the end-of-answer token": f["no_eos"],
+            "the fraction of prompt targets, the ones the mask hides": f["prompt"],
+            "the share of kept targets in the lesson's toy batch (3 of 8)": 3 / 8,
+        }
+
+
+q9 = ScoredFraction()
+
+
+class WhyMaskThePrompt(MultipleChoice):
+    name = "q10"
+    question = """
+Instruction tuning sets the targets of the prompt to -100, so the loss scores only the
+answer (and its end token). Why?
+"""
+    options = (
+        Option(
+            "To make training faster: the masked positions are skipped in the forward pass.",
+            "The forward pass still reads every position: the model needs the prompt to "
+            "answer. Only the loss (and so the gradient) leaves those positions out.",
+        ),
+        Option(
+            "Because the prompt tokens would otherwise let the model read the answer ahead of "
+            "time.",
+            "The causal mask already stops any position from seeing later tokens, and the "
+            "prompt comes before the answer anyway.",
+        ),
+        Option(
+            "At use the prompt is given, not written: the model must learn to answer it, and "
+            "scoring the prompt would spend most of the training signal on predicting "
+            "instructions it never has to produce.",
+            "In your experiment about 9 targets in 10 are prompt: without the mask they would "
+            "dominate the loss, and the model would get better at writing the template "
+            "instead of the answers.",
+        ),
+        Option(
+            "To make the model forget what it learned in pretraining.",
+            "Masking removes terms from the loss; it asks nothing of the rest of what the "
+            "model knows.",
+        ),
+    )
+    answer = "c"
+    _hint = "At inference, who writes the prompt and who writes the answer?"
+
+
+q10 = WhyMaskThePrompt()
