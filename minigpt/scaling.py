@@ -24,7 +24,9 @@ parameter. This module measures the same thing at CPU scale on Tiny Shakespeare:
   (for fixed exponents the law is linear in E, A, B; the exponents are searched on
   a grid, then refined), and ``LossSurfaceFit.compute_optimal(C)``: the N and D that
   minimise the fitted loss at C = 6 N D;
-- ``compute_frontier``: the runs no other run beats at equal or lower compute.
+- ``compute_frontier``: the runs no other run beats at equal or lower compute, and
+  ``isoflop_profile``: at one compute budget, each size's loss read off its measured
+  runs (Chinchilla's "IsoFLOP" approach, without a fitted law).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ __all__ = [
     "compute_frontier",
     "fit_loss_surface",
     "fit_power_law",
+    "isoflop_profile",
     "race",
     "scaling_sweep",
     "train_for",
@@ -322,9 +325,25 @@ def _refine(
 
 
 def _linear_fit(columns: list[np.ndarray], y: np.ndarray) -> tuple[np.ndarray, float]:
+    """Least squares ``y ~ X @ coef`` with every coefficient >= 0 (a floor, and terms that
+    fall with N and D, are never negative), and its squared error. With at most three
+    columns, trying every set of free coefficients (the rest held at 0) is exact."""
     X = np.stack(columns, axis=1)
-    coef, *_ = np.linalg.lstsq(X, y, rcond=None)
-    return coef, float(np.sum((X @ coef - y) ** 2))
+    k = X.shape[1]
+    best: tuple[np.ndarray, float] | None = None
+    for mask in range(1, 1 << k):
+        free = [i for i in range(k) if mask >> i & 1]
+        sub, *_ = np.linalg.lstsq(X[:, free], y, rcond=None)
+        if np.any(sub < 0):
+            continue
+        coef = np.zeros(k)
+        coef[free] = sub
+        err = float(np.sum((X @ coef - y) ** 2))
+        if best is None or err < best[1]:
+            best = (coef, err)
+    if best is None:  # every fit wants a negative coefficient: the all-zero model
+        return np.zeros(k), float(np.sum(y**2))
+    return best
 
 
 @dataclass(frozen=True)
@@ -343,10 +362,10 @@ class PowerLawFit:
 def fit_power_law(N: Sequence[float], L: Sequence[float]) -> PowerLawFit:
     """Fit ``L = E + A / N**alpha`` to losses ``L`` measured at sizes ``N`` (>= 3 points).
 
-    For a fixed alpha the law is linear in (E, A), solved exactly; alpha is searched
-    on a grid over [0.01, 3] and then refined. E is not constrained: with too few
-    sizes, or sizes far from the floor, E is poorly determined (and may even come
-    out negative), which is the point to check before extrapolating.
+    For a fixed alpha the law is linear in (E, A), solved exactly by least squares
+    with E, A >= 0; alpha is searched on a grid over [0.01, 3] and then refined. With
+    few sizes, or sizes far from the floor, E is poorly determined (it may sit at 0),
+    which is the point to check before extrapolating.
     """
     n, y = _as_positive(N, "N"), _as_positive(L, "L")
     if n.shape != y.shape or n.size < 3 or np.any(n <= 0):
@@ -402,8 +421,8 @@ def fit_loss_surface(N: Sequence[float], D: Sequence[float], L: Sequence[float])
     """Fit ``L = E + A / N**alpha + B / D**beta`` to runs of N parameters on D tokens.
 
     Needs at least 5 runs with more than one N and more than one D. For fixed
-    exponents the law is linear in (E, A, B); the exponents are searched on a grid
-    and refined, as in ``fit_power_law``.
+    exponents the law is linear in (E, A, B), solved with all three >= 0; the
+    exponents are searched on a grid and refined, as in ``fit_power_law``.
     """
     n, d, y = _as_positive(N, "N"), _as_positive(D, "D"), _as_positive(L, "L")
     if not (n.shape == d.shape == y.shape) or n.size < 5 or np.any(n <= 0) or np.any(d <= 0):
@@ -437,3 +456,29 @@ def compute_frontier(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             frontier.append(r)
             best = r["val_loss"]
     return frontier
+
+
+def isoflop_profile(records: Sequence[dict[str, Any]], flops: float) -> list[dict[str, float]]:
+    """Each model size's loss at the compute budget ``flops``, from measured runs only.
+
+    A size trained on D = flops / (6 N) tokens is read off its runs by linear
+    interpolation of the loss in log D, and only inside the token budgets it was
+    trained for (no extrapolation): sizes whose D falls outside are left out.
+    Returns ``[{"params": N, "tokens": D, "val_loss": L}, ...]`` by size; the row with
+    the lowest loss is the compute-optimal size at this budget among those measured.
+    """
+    if not flops > 0:
+        raise ValueError(f"flops must be positive, got {flops!r}")
+    by_size: dict[int, list[tuple[float, float]]] = {}
+    for r in records:
+        by_size.setdefault(int(r["params"]), []).append((float(r["tokens"]), float(r["val_loss"])))
+    profile = []
+    for n, runs in sorted(by_size.items()):
+        runs.sort()
+        d = flops / (6 * n)
+        logs = np.log([t for t, _ in runs])
+        if len(runs) < 2 or not logs[0] <= math.log(d) <= logs[-1]:
+            continue
+        loss = float(np.interp(math.log(d), logs, [v for _, v in runs]))
+        profile.append({"params": float(n), "tokens": d, "val_loss": loss})
+    return profile

@@ -15,6 +15,7 @@ from minigpt.scaling import (
     compute_frontier,
     fit_loss_surface,
     fit_power_law,
+    isoflop_profile,
     race,
     scaling_sweep,
     train_for,
@@ -135,3 +136,27 @@ def test_sweep_and_race_plumbing(tmp_path):
     result = race(tmp_path, small)
     assert set(result) == {"gpt", "gru"}
     assert all(r["seconds"] >= 0.2 and r["params"] > 0 for r in result.values())
+
+
+def test_isoflop_profile_interpolates_inside_the_measured_budgets_only():
+    runs = [
+        {"params": 10, "tokens": 100, "val_loss": 3.0},
+        {"params": 10, "tokens": 10_000, "val_loss": 2.0},
+        {"params": 100, "tokens": 100, "val_loss": 2.8},
+        {"params": 100, "tokens": 1_000, "val_loss": 2.4},
+    ]
+    # C = 6 * 10 * 1000: size 10 reads D = 1000, halfway in log D -> 2.5; size 100 reads D = 100
+    profile = isoflop_profile(runs, 6 * 10 * 1000)
+    assert [(p["params"], p["tokens"]) for p in profile] == [(10, 1000), (100, 100)]
+    assert profile[0]["val_loss"] == pytest.approx(2.5)
+    assert profile[1]["val_loss"] == pytest.approx(2.8)
+    assert [p["params"] for p in isoflop_profile(runs, 6 * 10 * 200)] == [10]  # 100 would need D=20
+    assert isoflop_profile(runs, 1.0) == []
+
+
+def test_fits_keep_the_floor_and_coefficients_nonnegative():
+    # a law with no floor: an unconstrained fit may put E below 0; ours stops at 0
+    N = np.geomspace(1e3, 1e6, 6)
+    fit = fit_power_law(N, 30.0 / N**0.2)
+    assert fit.E >= 0 and fit.A > 0
+    np.testing.assert_allclose(fit.predict(N), 30.0 / N**0.2, rtol=1e-3)
