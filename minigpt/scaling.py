@@ -135,8 +135,9 @@ def train_for(
     ``model`` has the GPT interface (``model(x, y) -> (logits, loss)`` and
     ``config.block_size``). Batches of ``batch_size`` windows come from a generator
     seeded with ``seed``, so two models trained with the same settings see the same
-    text. The learning rate warms up over 5% of the run and follows a cosine to
-    ``min_lr`` (``minigpt.optim.lr_at``; with ``seconds`` the cosine follows the clock).
+    text. The learning rate warms up over 5% of the steps (20 steps on the clock) and
+    follows a cosine to ``min_lr`` (``minigpt.optim.lr_at``; with ``seconds`` the cosine
+    follows the clock).
     Validation loss on every window of ``val_ids`` is measured ``evals`` times, evenly
     spaced (in steps, or in seconds), and at the end; evaluation is off the clock.
     Returns a record: ``steps``, ``tokens``, ``seconds`` (training only),
@@ -148,7 +149,13 @@ def train_for(
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if seconds is not None and not seconds > 0:
         raise ValueError(f"seconds must be positive, got {seconds!r}")
-    data = TokenDataset(np.asarray(train_ids), model.config.block_size)
+    block_size = getattr(getattr(model, "config", None), "block_size", None)
+    if not isinstance(block_size, int):
+        raise TypeError(
+            f"train_for trains a model with GPT's interface (config.block_size, "
+            f"model(x, y) -> (logits, loss)), got {type(model).__name__}"
+        )
+    data = TokenDataset(np.asarray(train_ids), block_size)
     optimizer = configure_optimizer(model, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
     gen = torch.Generator().manual_seed(seed)
     total = steps if steps is not None else 10**9
@@ -191,7 +198,7 @@ def train_for(
     model.eval()
     return {
         "steps": step,
-        "tokens": step * batch_size * model.config.block_size,
+        "tokens": step * batch_size * block_size,
         "seconds": clock,
         "val_loss": curve[-1][2],
         "curve": curve,

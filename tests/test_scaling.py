@@ -160,3 +160,16 @@ def test_fits_keep_the_floor_and_coefficients_nonnegative():
     fit = fit_power_law(N, 30.0 / N**0.2)
     assert fit.E >= 0 and fit.A > 0
     np.testing.assert_allclose(fit.predict(N), 30.0 / N**0.2, rtol=1e-3)
+
+
+def test_train_for_refuses_a_model_without_gpts_interface():
+    with pytest.raises(TypeError, match="GPT's interface"):
+        train_for(
+            torch.nn.Linear(2, 2),
+            [0, 1] * 50,
+            [0, 1] * 50,
+            batch_size=2,
+            lr=1e-3,
+            min_lr=0.0,
+            steps=1,
+        )
