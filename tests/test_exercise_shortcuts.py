@@ -18,6 +18,7 @@ import json
 import math
 import re
 import sys
+import warnings
 from functools import cache
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minigpt import optim as package_optim
-from minigpt.exercises import ch00, ch02, ch03, ch04, ch05, ch06, ch07
+from minigpt.exercises import ch00, ch02, ch03, ch04, ch05, ch06, ch07, ch10
 from minigpt.exercises.core import Incorrect, LearnerError, call
 from minigpt.exercises.shortcuts import Shortcut, forbid
 from tests.test_exercises import ALL
@@ -256,6 +257,79 @@ def _collator_then_by_hand(prompt, answer, encode, eos_id):
     return ch07.q8.reference()(prompt, answer, encode, eos_id)
 
 
+# ---------------------------------------------------------------- ch10: scale
+
+
+def _six_from_gpt(n_params, n_tokens, flops_per_second, utilization):
+    from minigpt import GPT, GPTConfig
+
+    m = GPT(GPTConfig(vocab_size=8, block_size=4, n_layer=1, n_head=1, n_embd=4))
+    per_weight = m.flops_per_token(training=True) / m.flops_per_token(training=False) * 2  # 6
+    return per_weight * n_params * n_tokens / (flops_per_second * utilization) / 86_400
+
+
+def _polyfit_line(N, L):
+    import numpy as np
+
+    slope, intercept = np.polyfit(np.log(N), np.log(L), 1)
+    return 0.0, float(np.exp(intercept)), float(-slope)
+
+
+def _package_fit(N, L):
+    from minigpt.scaling import fit_power_law
+
+    fit = fit_power_law(N, L)
+    return fit.E, fit.A, fit.alpha
+
+
+def _package_quantize(w):
+    from minigpt.quantize import quantize_per_channel
+
+    return quantize_per_channel(w)
+
+
+def _torch_quantize_per_channel(w):
+    s = w.abs().amax(dim=1) / 127
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    zeros = torch.zeros(w.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():  # torch deprecates its quantized tensors
+        warnings.simplefilter("ignore")
+        q = torch.quantize_per_channel(w, safe.double(), zeros, 0, torch.qint8)
+    return q.int_repr(), s
+
+
+def _adam_state(make):
+    def answer(model):
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = make(trainable)
+        for p in trainable:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        return sum(
+            t.numel() * t.element_size()
+            for st in opt.state.values()
+            for t in st.values()
+            if t.dim() > 0
+        )
+
+    return answer
+
+
+def _configure_optimizer_state(model):
+    opt = package_optim.configure_optimizer(model, lr=1e-3, weight_decay=0.0, fused=False)
+    return sum(2 * p.numel() * p.element_size() for g in opt.param_groups for p in g["params"])
+
+
+def _stack_mean(grads):
+    mean = torch.stack(grads).mean(dim=0)
+    return [mean.clone() for _ in grads]
+
+
+def _sum_of_stack(grads):
+    total = torch.sum(torch.stack(grads), dim=0)
+    return [total / len(grads) for _ in grads]
+
+
 # ---------------------------------------------------------------- the tables
 
 
@@ -320,6 +394,16 @@ SHORTCUTS = [
     (ch07.q7, "consults minigpt.tasks, then works it out", _peeks_at_tasks),
     (ch07.q8, "InstructionCollator", _wrong(ch07.q8, "calls_the_collator")),
     (ch07.q8, "InstructionCollator, then by hand", _collator_then_by_hand),
+    (ch10.q1, "GPT.flops_per_token", _six_from_gpt),
+    (ch10.q2, "np.polyfit in log-log", _polyfit_line),
+    (ch10.q2, "minigpt.scaling.fit_power_law", _package_fit),
+    (ch10.q3, "minigpt.quantize.quantize_per_channel", _package_quantize),
+    (ch10.q3, "torch.quantize_per_channel", _torch_quantize_per_channel),
+    (ch10.q4, "torch.optim.AdamW, stepped", _adam_state(lambda ps: torch.optim.AdamW(ps))),
+    (ch10.q4, "torch.optim.Adam, stepped", _adam_state(lambda ps: torch.optim.Adam(ps))),
+    (ch10.q4, "minigpt.optim.configure_optimizer", _configure_optimizer_state),
+    (ch10.q5, "torch.stack(...).mean", _stack_mean),
+    (ch10.q5, "torch.sum of a stack", _sum_of_stack),
 ]
 
 # (question, what the answer gets wrong): each must be incorrect
@@ -342,6 +426,14 @@ BOUNDARIES = [
     (ch07.q1, "reads position lengths, not lengths - 1", _reads_padding),
     (ch07.q2, "masks n_prompt targets, not n_prompt - 1", _wrong(ch07.q2, "off_by_one")),
     (ch07.q6, "counts position lengths[b] too (<= instead of <)", _counts_one_padding),
+    (
+        ch10.q1,
+        "counts 2 N D (the forward pass only)",
+        lambda n, d, f, u: 2 * n * d / (f * u) / 86_400,
+    ),
+    (ch10.q3, "scales by 128 and lets -128 in", _wrong(ch10.q3, "scale_128")),
+    (ch10.q3, "truncates instead of rounding", _wrong(ch10.q3, "truncates")),
+    (ch10.q5, "averages with one neighbour only", _wrong(ch10.q5, "pairwise")),
 ]
 
 _CHAPTER = {id(q): chapter for chapter, q in ALL}

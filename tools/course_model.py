@@ -4,7 +4,8 @@
 
 `make test` runs this first: the course model (``minigpt.pretrained``), the
 assistant base model, and the assistant and translator tuned from it
-(``minigpt.assistant``) take a few minutes each to train from an empty cache, and a notebook cell that waited for it would
+(``minigpt.assistant``), and chapter 10's scaling sweep and GPT-vs-GRU race
+(``minigpt.scaling``) take a few minutes each to train from an empty cache, and a notebook cell that waited for it would
 run into nbval's cell timeout. It trains with one thread, as the notebook kernels
 do (see conftest.py), so the model is bit for bit the one the stored outputs came
 from. Like conftest.py, it reads the data from ../shared/data beside the checkout
@@ -33,6 +34,7 @@ from minigpt.pretrained import (  # noqa: E402
     shakespeare_char_history,
     shakespeare_char_model,
 )
+from minigpt.scaling import race, scaling_sweep  # noqa: E402
 
 
 def shakespeare() -> str:
@@ -45,11 +47,20 @@ def shakespeare() -> str:
     )
 
 
+def scaling() -> str:
+    start = time.perf_counter()
+    runs = scaling_sweep()
+    race()
+    return f"scaling sweep ({len(runs)} runs) and race ready in {time.perf_counter() - start:.0f} s"
+
+
 def main() -> int:
     # Two chains of one-thread trainings, one per core: the Shakespeare course model
-    # in a second process, the assistant's base, tasks and translation models here.
+    # (then chapter 10's scaling runs) in a second process, the assistant's base, tasks
+    # and translation models here.
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
         course = pool.submit(shakespeare)
+        sweep = pool.submit(scaling)
         start = time.perf_counter()
         assistant_base_model(progress=sys.stderr.isatty())
         _, val = assistant_base_history()
@@ -65,6 +76,7 @@ def main() -> int:
                 f"(trained in {record['seconds']:.0f} s)"
             )
         print(course.result())
+        print(sweep.result())
     return 0
 
 
