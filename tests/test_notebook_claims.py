@@ -92,6 +92,13 @@ def _(out: str) -> bool:
     return figures(out, rf"validation loss {NUM} per token")[0][0] < 5.5
 
 
+@claim("05", "b8a3063d", "on 2,000 characters train and validation part ways; dropout slows it")
+def _(out: str) -> bool:
+    runs = figures(out, rf"train {NUM}, validation {NUM} at step \d+ \(lowest validation {NUM}")
+    (train0, val0, low0), (train5, val5, _) = runs
+    return val0 > low0 + 1 and train0 < val0 - 2 and val5 < val0 and train5 > train0
+
+
 @claim("06", "c539af85", "after 'th' the model's first choice is 'e'")
 def _(out: str) -> bool:
     return "most likely: 'e'" in out
