@@ -171,3 +171,15 @@ def test_a_claim_can_fail():
         coin_flip("no figure here\n")
     with pytest.raises(KeyError):
         stored_stdout("00", "no-such-cell")
+
+
+@pytest.mark.parametrize("path", sorted(LESSONS.glob("*.ipynb")), ids=lambda p: p.name)
+def test_lesson_text_holds_no_test_scaffolding(path: Path):
+    """nbval markers are cell tags, not comments in the code a learner reads, and every
+    lesson shows at least three figures."""
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    marked = [c.get("id") for c in code if "NBVAL_" in "".join(c["source"]).upper()]
+    assert not marked, f"cells {marked} use an nbval comment; tag them nbval-ignore-output"
+    images = sum("image/png" in out.get("data", {}) for c in code for out in c.get("outputs", []))
+    assert images >= 3, f"{path.name} shows {images} figures; a lesson needs at least 3"
