@@ -1,0 +1,185 @@
+"""What the lessons say about their own figures, checked on the figures they show.
+
+A lesson cell prints a measured figure (a loss, an accuracy, a timing) and the prose
+around it makes a claim ("well below 3", "about a coin flip", "far faster"). The
+threshold behind each claim lives here, not in the lesson: each test reads the stored
+output of one cell, by its cell id, and asserts the claim on the printed numbers. The
+stored outputs are the ones a learner reads; only ``tools/execute_notebooks.py`` writes
+them (one thread, a fresh kernel), and nbval re-runs and compares every cell that is
+not tagged ``nbval-ignore-output``, so those figures cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+LESSONS = Path(__file__).resolve().parents[1] / "notebooks"
+NUM = r"(-?\d+(?:\.\d+)?(?:e[-+]?\d+)?)"  # one printed number
+
+
+def stored_stdout(chapter: str, cell_id: str) -> str:
+    """The stdout that a lesson's code cell stored, all its stream pieces joined."""
+    (path,) = LESSONS.glob(f"{chapter}_*.ipynb")
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    for cell in nb["cells"]:
+        if cell.get("id") == cell_id:
+            return "".join(
+                "".join(out["text"])
+                for out in cell.get("outputs", [])
+                if out["output_type"] == "stream" and out["name"] == "stdout"
+            )
+    raise KeyError(f"{path.name} has no cell {cell_id!r}")
+
+
+def figures(text: str, pattern: str) -> list[tuple[float, ...]]:
+    """Every match of ``pattern`` in ``text``, its groups as floats; at least one match."""
+    found = [m.groups() for m in re.finditer(pattern, text)]
+    assert found, f"{pattern!r} does not match the stored output {text!r}"
+    return [tuple(float(x) for x in groups) for groups in found]
+
+
+CLAIMS: dict[str, tuple[str, str, Callable[[str], bool]]] = {}
+
+
+def claim(chapter: str, cell_id: str, what: str):
+    def register(check: Callable[[str], bool]) -> Callable[[str], bool]:
+        CLAIMS[f"{chapter}: {what}"] = (chapter, cell_id, check)
+        return check
+
+    return register
+
+
+@claim("02", "ac25f59d", "word2vec's loss ends below 2.6")
+def _(out: str) -> bool:
+    return figures(out, rf"loss {NUM}")[-1][0] < 2.6
+
+
+@claim("02", "8a5bfbc9", "my/thy closer than 99% and father/son than 95% of random pairs")
+def _(out: str) -> bool:
+    (my,), (father,) = figures(out, rf"are closer than {NUM}%")
+    return my >= 99 and father >= 95
+
+
+@claim("04", "16384cc1", "both variants memorise the batch: the loss falls below 0.3x its start")
+def _(out: str) -> bool:
+    runs = figures(out, rf"loss {NUM} -> {NUM} -> {NUM}")
+    return len(runs) == 2 and all(last < 0.3 * first for first, _, last in runs)
+
+
+@claim("04", "e98d1cc3", "the converted GPT-2 matches transformers up to float32 rounding")
+def _(out: str) -> bool:
+    return figures(out, rf"difference vs transformers: {NUM}")[0][0] < 1e-5
+
+
+@claim("05", "fb15333b", "one gradient step lowers the loss on its batch")
+def _(out: str) -> bool:
+    ((before, after),) = figures(out, rf"loss {NUM} -> {NUM} after one step")
+    return after < before
+
+
+@claim("05", "27ba328c", "200 steps take the validation loss well below 3 (below 2.9)")
+def _(out: str) -> bool:
+    return figures(out, rf"val {NUM}")[-1][0] < 2.9
+
+
+@claim("05", "44ae8fe5", "the BPE model learns: validation loss below 5.5 per token (ln 512 = 6.2)")
+def _(out: str) -> bool:
+    return figures(out, rf"validation loss {NUM} per token")[0][0] < 5.5
+
+
+@claim("05", "b8a3063d", "on 2,000 characters train and validation part ways; dropout slows it")
+def _(out: str) -> bool:
+    runs = figures(out, rf"train {NUM}, validation {NUM} at step \d+ \(lowest validation {NUM}")
+    (train0, val0, low0), (train5, val5, _) = runs
+    return val0 > low0 + 1 and train0 < val0 - 2 and val5 < val0 and train5 > train0
+
+
+@claim("06", "c539af85", "after 'th' the model's first choice is 'e'")
+def _(out: str) -> bool:
+    return "most likely: 'e'" in out
+
+
+@claim("06", "9474cd7e", "greedy text repeats itself: more than 20% of its 8-grams are repeats")
+def _(out: str) -> bool:
+    return figures(out, rf"greedy: {NUM}%")[0][0] > 20
+
+
+@claim("06", "3a63b716", "a low temperature repeats more than a high one")
+def _(out: str) -> bool:
+    rates = dict(figures(out, rf"T = {NUM}: {NUM}% repeated"))
+    return rates[0.1] > rates[3.0]
+
+
+@claim("06", "2a6385ce", "at 256 tokens the KV cache more than halves the time of a step")
+def _(out: str) -> bool:
+    ((without, with_cache),) = figures(out, rf"{NUM} ms without, {NUM} ms with the cache")
+    return with_cache < without / 2
+
+
+@claim("07", "3c42ee71", "a random head is about a coin flip (25% to 75%)")
+def _(out: str) -> bool:
+    return 25 < figures(out, rf"before fine-tuning: {NUM}%")[0][0] < 75
+
+
+@claim("07", "649a54e4", "fine-tuning every layer for 60 steps beats 70% on spam")
+def _(out: str) -> bool:
+    return figures(out, rf"test accuracy {NUM}%")[0][0] > 70
+
+
+@claim("07", "7edbd1ef", "the generative classifier beats 70% on spam")
+def _(out: str) -> bool:
+    return figures(out, rf"test accuracy {NUM}%")[0][0] > 70
+
+
+@claim("07", "a015e2a9", "SST-2: the GPT stays above 40%, the bag of words above 65%")
+def _(out: str) -> bool:
+    ((gpt, bow),) = figures(out, rf"fine-tuned GPT {NUM}%, bag of words {NUM}%")
+    return gpt > 40 and bow > 65
+
+
+@claim("07", "c3933fab20d04ec698c2621248eb3be0", "live instruction tuning lowers the response loss")
+def _(out: str) -> bool:
+    ((first, last),) = figures(out, rf"first steps {NUM}, last steps {NUM}")
+    return last < first
+
+
+@claim("07", "598372df", "LoRA beats 70% on spam")
+def _(out: str) -> bool:
+    return figures(out, rf"LoRA {NUM}%")[0][0] > 70
+
+
+@pytest.mark.parametrize("name", sorted(CLAIMS))
+def test_lesson_claim_holds(name: str):
+    chapter, cell_id, check = CLAIMS[name]
+    out = stored_stdout(chapter, cell_id)
+    assert check(out), f"chapter {chapter}, cell {cell_id}: {name}\nstored output:\n{out}"
+
+
+def test_a_claim_can_fail():
+    """The checks reject figures that break the claim, and a missing figure is an error."""
+    _, _, coin_flip = CLAIMS["07: a random head is about a coin flip (25% to 75%)"]
+    assert coin_flip("validation accuracy before fine-tuning: 59.7%\n")
+    assert not coin_flip("validation accuracy before fine-tuning: 91.3%\n")
+    _, _, cache = CLAIMS["06: at 256 tokens the KV cache more than halves the time of a step"]
+    assert not cache("at 256 tokens: 10.0 ms without, 6.0 ms with the cache\n")
+    with pytest.raises(AssertionError, match="does not match"):
+        coin_flip("no figure here\n")
+    with pytest.raises(KeyError):
+        stored_stdout("00", "no-such-cell")
+
+
+@pytest.mark.parametrize("path", sorted(LESSONS.glob("*.ipynb")), ids=lambda p: p.name)
+def test_lesson_text_holds_no_test_scaffolding(path: Path):
+    """nbval markers are cell tags, not comments in the code a learner reads, and every
+    lesson shows at least three figures."""
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    marked = [c.get("id") for c in code if "NBVAL_" in "".join(c["source"]).upper()]
+    assert not marked, f"cells {marked} use an nbval comment; tag them nbval-ignore-output"
+    images = sum("image/png" in out.get("data", {}) for c in code for out in c.get("outputs", []))
+    assert images >= 3, f"{path.name} shows {images} figures; a lesson needs at least 3"
