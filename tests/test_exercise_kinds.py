@@ -270,6 +270,16 @@ def test_a_training_experiment_gives_the_same_number_on_two_threads(q):
         assert abs(value - two[key]) < q.atol / 4, key
 
 
+def test_the_activation_count_is_the_same_on_two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        two = type(ch10.q6)().truth()
+    finally:
+        torch.set_num_threads(threads)
+    assert two == ch10.q6.truth()  # bytes follow from shapes alone
+
+
 def _shifted(key: str, by: float):
     """The truth with ``key`` moved by ``by`` times 1.2 tolerances: just outside it.
 
