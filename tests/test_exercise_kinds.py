@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minigpt.exercises import ch00, ch01, ch02, ch03, ch04, ch05, ch06, ch07
+from minigpt.exercises import ch00, ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch10
 from minigpt.exercises.core import Experiment, MultipleChoice, Option, blank
 from tests.test_exercises import ALL
 
@@ -217,7 +217,7 @@ def _ids(rows):
 
 
 def test_every_chapter_has_an_experiment_and_a_conceptual_question():
-    for chapter in [f"ch0{i}" for i in range(8)]:
+    for chapter in [*(f"ch0{i}" for i in range(8)), "ch10"]:
         assert any(c == chapter for c, _ in CHOICES), chapter
         assert any(c == chapter for c, _ in EXPERIMENTS), chapter
 
@@ -270,6 +270,16 @@ def test_a_training_experiment_gives_the_same_number_on_two_threads(q):
         assert abs(value - two[key]) < q.atol / 4, key
 
 
+def test_the_activation_count_is_the_same_on_two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        two = type(ch10.q6)().truth()
+    finally:
+        torch.set_num_threads(threads)
+    assert two == ch10.q6.truth()  # bytes follow from shapes alone
+
+
 def _shifted(key: str, by: float):
     """The truth with ``key`` moved by ``by`` times 1.2 tolerances: just outside it.
 
@@ -278,7 +288,8 @@ def _shifted(key: str, by: float):
 
     def make(q: Experiment):
         truth = dict(q.truth())
-        truth[key] += by * 1.2 * q.atol if not q.integer else by
+        tolerance = q.atol + q.rtol * abs(truth[key])
+        truth[key] += by * 1.2 * tolerance if not q.integer else by
         return truth if q.keys else truth[""]
 
     return make
@@ -289,6 +300,28 @@ def _with(**values):
         return {**q.truth(), **values}
 
     return make
+
+
+def _misread_activations(how: str) -> float:
+    """ch10.q6's plain forward counted as a learner might misread it, measured here on its own:
+    ``"every"`` adds up every saved tensor (views each time), ``"params"`` keeps the weights."""
+    from minigpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=65, block_size=64, n_layer=6, n_head=4, n_embd=48))
+    x = torch.randint(65, (4, 65), generator=torch.Generator().manual_seed(0))
+    counted: dict[int, int] = {}
+
+    def pack(t):
+        key = len(counted) if how == "every" else t.untyped_storage().data_ptr()
+        counted[key] = (
+            t.numel() * t.element_size() if how == "every" else t.untyped_storage().nbytes()
+        )
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x[:, :-1], x[:, 1:])
+    return sum(counted.values()) / (4 * 64)
 
 
 # (question, wrong answer or a function of the question that makes one, what the message says)
@@ -303,10 +336,12 @@ ROWS = [
     (ch05.q6, _with(loss=4.209), "the lesson's initial loss"),
     (ch06.q6, _with(**{"T=0.5": 0.5381}), "the lesson's four-logit example"),
     (ch07.q9, 0.375, "the lesson's toy batch"),
+    (ch10.q6, _with(plain=51_085), "the lesson's number for the course model"),
+    (ch10.q6, _with(checkpointed=5_911), "the lesson's number for the course model"),
     # off by just more than the tolerance, each way
     *[
         (q, _shifted(key, sign), "")
-        for q in (ch00.q7, ch01.q7, ch02.q6, ch03.q6, ch05.q6, ch06.q6)
+        for q in (ch00.q7, ch01.q7, ch02.q6, ch03.q6, ch05.q6, ch06.q6, ch10.q6)
         for key in q.keys
         for sign in (1.0, -1.0)
     ],
@@ -321,10 +356,33 @@ ROWS = [
     (ch07.q9, lambda q: ch07._scored_fractions()["mean_of_rows"], "the mean of each row"),
     (ch05.q6, _with(grad_norm=0.0), "not a measurement"),
     (ch07.q9, 1.0, "not a measurement"),
+    (ch10.q6, lambda q: _with(plain=_misread_activations("every"))(q), "each time"),
+    (ch10.q6, lambda q: _with(plain=_misread_activations("params"))(q), "parameters' storages"),
+    (ch10.q6, lambda q: _with(checkpointed=q.truth()["checkpointed"] - 6 * 48 * 4)(q), "without"),
+    (ch10.q6, lambda q: {k: v * 256 for k, v in q.truth().items()}, "whole batch"),
+    (ch10.q6, lambda q: {k: v * 256 / 260 for k, v in q.truth().items()}, "4 x 65 ids"),
+    (ch10.q6, lambda q: {k: v * 64 for k, v in q.truth().items()}, "per sequence"),
+    (
+        ch10.q6,
+        lambda q: {"plain": q.truth()["checkpointed"], "checkpointed": q.truth()["plain"]},
+        "",
+    ),
+    (ch10.q6, _with(checkpointed=256.0), "not a measurement"),
     # conceptual: a wrong letter, and every letter at once
     *[
         (q, wrong, why)
-        for q in (ch00.q8, ch01.q8, ch02.q7, ch03.q7, ch04.q7, ch05.q7, ch06.q7, ch07.q10)
+        for q in (
+            ch00.q8,
+            ch01.q8,
+            ch02.q7,
+            ch03.q7,
+            ch04.q7,
+            ch05.q7,
+            ch06.q7,
+            ch07.q10,
+            ch10.q7,
+            ch10.q8,
+        )
         for wrong, why in (
             (next(k for k in q.letters if k != q.answer), "("),
             (list(q.letters), "not several"),
@@ -351,10 +409,10 @@ def test_a_wrong_report_is_incorrect_and_says_why(q, answer, says):
     assert result.message and says in result.message, result
 
 
-def test_every_new_question_of_chapters_00_to_07_has_rows():
+def test_every_new_question_of_chapters_00_to_07_and_10_has_rows():
     listed = {id(q) for q, _, _ in ROWS}
-    mine = [(c, q) for c, q in CHOICES + EXPERIMENTS if c <= "ch07"]
-    assert len(mine) == 16 and all(id(q) in listed for _, q in mine)
+    mine = [(c, q) for c, q in CHOICES + EXPERIMENTS if c <= "ch07" or c == "ch10"]
+    assert len(mine) == 19 and all(id(q) in listed for _, q in mine)
 
 
 # ---------------------------------------------------------------- the notebooks

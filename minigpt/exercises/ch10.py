@@ -1,20 +1,35 @@
 """Chapter 10 exercises: scale (6ND arithmetic, a power-law fit with a floor, int8
-quantization, the memory of Adam's state, and the all-reduce average)."""
+quantization, the memory of Adam's state, and the all-reduce average); an experiment
+(the activation bytes per token a GPT saves for backward, plain and with activation
+checkpointing) and two conceptual questions (why fp16 needs loss scaling and bf16 does
+not; why a recurrent network cannot spread its training over the sequence)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from minigpt import optim as package_optim
 from minigpt import quantize as package_quantize
 from minigpt import scaling as package_scaling
-from minigpt.exercises.core import Incorrect, Question, call, close, number, tensor
+from minigpt.exercises.core import (
+    Experiment,
+    Incorrect,
+    MultipleChoice,
+    Option,
+    Question,
+    call,
+    close,
+    number,
+    tensor,
+)
 from minigpt.exercises.shortcuts import Shortcut, forbid
-from minigpt.model import GPT
+from minigpt.model import GPT, GPTConfig
 
-__all__ = ["q1", "q2", "q3", "q4", "q5"]
+__all__ = ["q1", "q2", "q3", "q4", "q5", "q6", "q7", "q8"]
 
 _DAY = 86_400
 
@@ -379,3 +394,279 @@ q2 = FitPowerLaw()
 q3 = QuantizeInt8()
 q4 = AdamStateBytes()
 q5 = AllReduceMean()
+
+
+# ---------------------------------------------------------------- q6: activation memory, measured
+
+_MEM = {"n_layer": 6, "n_head": 4, "n_embd": 48, "B": 4, "T": 64}
+_LESSON_PLAIN = 51_085  # bytes per token, the course model at B = 6, T = 128
+_LESSON_CHECKPOINTED = 4.54e6 / (6 * 128)  # the lesson's 4.54 MB for that batch
+
+
+def _saved(fn, exclude=()) -> dict[str, int]:
+    """Bytes autograd saves while ``fn()`` runs: distinct storages (less ``exclude``),
+    every saved tensor counted each time, and distinct storages parameters included."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    distinct: dict[int, int] = {}
+    every = [0]
+
+    def pack(t):
+        s = t.untyped_storage()
+        every[0] += t.numel() * t.element_size()
+        distinct[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    mine = sum(n for ptr, n in distinct.items() if ptr not in skip)
+    return {"distinct": mine, "every": every[0], "with_params": sum(distinct.values())}
+
+
+def _forward_checkpointed(m: GPT, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    h = m.drop(m.wte(idx))  # (B, T, C)
+    for block in m.h:
+        h = checkpoint(block, h, use_reentrant=False)
+    logits = m.lm_head(m.ln_f(h))  # (B, T, V)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def _activation_bytes() -> dict[str, float]:
+    """Bytes per token saved for backward by the q6 model, and what misreadings give."""
+    c = _MEM
+    torch.manual_seed(0)
+    model = GPT(
+        GPTConfig(
+            vocab_size=65,
+            block_size=c["T"],
+            n_layer=c["n_layer"],
+            n_head=c["n_head"],
+            n_embd=c["n_embd"],
+        )
+    )
+    x = torch.randint(65, (c["B"], c["T"] + 1), generator=torch.Generator().manual_seed(0))
+    inputs, targets = x[:, :-1], x[:, 1:]  # (B, T) each
+    params = list(model.parameters())
+    plain = _saved(lambda: model(inputs, targets)[1], exclude=params)
+    ckpt = _saved(lambda: _forward_checkpointed(model, inputs, targets), exclude=params)
+    kept = c["n_layer"] * c["B"] * c["T"] * c["n_embd"] * 4  # the blocks' float32 inputs
+    tokens = c["B"] * c["T"]
+    return {
+        "plain": plain["distinct"] / tokens,
+        "checkpointed": (ckpt["distinct"] + kept) / tokens,
+        "plain_every": plain["every"] / tokens,
+        "plain_with_params": plain["with_params"] / tokens,
+        "ckpt_with_params": (ckpt["with_params"] + kept) / tokens,
+        "ckpt_without_inputs": ckpt["distinct"] / tokens,
+        "plain_total": plain["distinct"],
+        "ckpt_total": ckpt["distinct"] + kept,
+        "per_row_tokens": c["B"] * (c["T"] + 1),
+    }
+
+
+class ActivationMemory(Experiment):
+    name = "q6"
+    question = """
+The lesson counted the activation bytes per token of the course model (4 layers of width
+128). Measure them for a deeper, narrower GPT: `torch.manual_seed(0)`, then
+`GPT(GPTConfig(vocab_size=65, block_size=64, n_layer=6, n_head=4, n_embd=48))` (in its
+default training mode), on one batch `x = torch.randint(65, (4, 65),
+generator=torch.Generator().manual_seed(0))` with inputs `x[:, :-1]` and targets
+`x[:, 1:]`. Count, as the lesson's `saved_bytes` does, the bytes of the distinct
+storages autograd saves during the forward pass that returns the loss, leaving out the
+parameters. Report `{"plain": ..., "checkpointed": ...}` in bytes per token (divided by
+the 4 × 64 tokens the model reads): the plain forward, and the forward with every block
+run through `checkpoint(block, h, use_reentrant=False)` plus the block inputs that
+`checkpoint` keeps (6 × 4 × 64 × 48 float32 numbers), as in the lesson. Each within ±1%.
+"""
+    keys = ("plain", "checkpointed")
+    rtol = 0.01
+    trivial = (0.0, 1.0, 4.0, 48.0, 64.0, 256.0, 4 * 48.0, 6 * 4 * 48.0)
+    _hint = """
+Copy the lesson's saved_bytes(fn, exclude) (a saved_tensors_hooks pack function that
+records each saved tensor's untyped_storage() by its data_ptr(), skipping the
+parameters' storages) and forward_checkpointed(m, idx, targets). Run both with
+exclude=list(model.parameters()), add n_layer * B * T * n_embd * 4 bytes of block
+inputs to the checkpointed count, and divide both by B * T = 256.
+"""
+    _solution = """
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from minigpt import GPT, GPTConfig
+
+
+def saved_bytes(fn, exclude=()):
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip:
+            seen[s.data_ptr()] = s.nbytes()  # one entry per storage: views count once
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+def forward_checkpointed(m, idx, targets):
+    h = m.drop(m.wte(idx))  # (B, T, C)
+    for block in m.h:
+        h = checkpoint(block, h, use_reentrant=False)
+    logits = m.lm_head(m.ln_f(h))  # (B, T, V)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+torch.manual_seed(0)
+model = GPT(GPTConfig(vocab_size=65, block_size=64, n_layer=6, n_head=4, n_embd=48))
+x = torch.randint(65, (4, 65), generator=torch.Generator().manual_seed(0))
+inputs, targets = x[:, :-1], x[:, 1:]  # (4, 64) each
+params = list(model.parameters())
+plain, _ = saved_bytes(lambda: model(inputs, targets)[1], exclude=params)
+ckpt, _ = saved_bytes(lambda: forward_checkpointed(model, inputs, targets), exclude=params)
+kept = 6 * 4 * 64 * 48 * 4  # the block inputs checkpoint keeps, float32
+activation_bytes = {"plain": plain / (4 * 64), "checkpointed": (ckpt + kept) / (4 * 64)}
+"""
+
+    def _run(self) -> dict[str, float]:
+        cached = self.__dict__.get("_all")
+        if cached is None:
+            cached = self.__dict__["_all"] = _activation_bytes()
+        return cached
+
+    def measure(self):
+        run = self._run()
+        return {"plain": run["plain"], "checkpointed": run["checkpointed"]}
+
+    def decoys(self):
+        run = self._run()
+        per_row = run["per_row_tokens"]
+        return {
+            "the lesson's number for the course model": {
+                "plain": _LESSON_PLAIN,
+                "checkpointed": _LESSON_CHECKPOINTED,
+            },
+            "the count with the parameters' storages in (exclude the parameters)": {
+                "plain": run["plain_with_params"],
+                "checkpointed": run["ckpt_with_params"],
+            },
+            "every saved tensor counted each time, not each distinct storage once": {
+                "plain": run["plain_every"]
+            },
+            "what checkpoint's hooks let through, without the block inputs it keeps": {
+                "checkpointed": run["ckpt_without_inputs"]
+            },
+            "the bytes of the whole batch, not per token": {
+                "plain": run["plain_total"],
+                "checkpointed": run["ckpt_total"],
+            },
+            "divided by the 4 x 65 ids of x, not the 4 x 64 tokens the model reads": {
+                "plain": run["plain"] * 256 / per_row,
+                "checkpointed": run["checkpointed"] * 256 / per_row,
+            },
+            "bytes per sequence (divided by 4), not per token": {
+                "plain": run["plain"] * 64,
+                "checkpointed": run["checkpointed"] * 64,
+            },
+        }
+
+
+q6 = ActivationMemory()
+
+
+# ---------------------------------------------------------------- q7, q8: concepts
+
+
+class WhyLossScaling(MultipleChoice):
+    name = "q7"
+    question = """
+Mixed-precision training in fp16 multiplies the loss by a large factor S before the
+backward pass and divides the gradients by S afterwards (loss scaling); in bf16 it does
+not. Why?
+"""
+    options = (
+        Option(
+            "bf16 has more mantissa bits than fp16, so its gradients round less.",
+            "It is the other way round: bf16 keeps 7 mantissa bits and fp16 10, so bf16 rounds "
+            "more coarsely (eps 0.0078 against 0.00098). Precision is not what scaling fixes.",
+        ),
+        Option(
+            "fp16 has only 5 exponent bits: numbers below about 6e-5 lose digits and below "
+            "about 6e-8 become 0, and small gradients live there. Scaling the loss by S scales "
+            "every gradient by S (the chain rule), lifting them into range; dividing by S in "
+            "fp32 undoes it. bf16 has fp32's 8 exponent bits and its range, down to about "
+            "1e-38, so its gradients do not underflow.",
+            "Range, not precision: the two 16-bit formats spend their bits differently, and "
+            "only fp16 runs out of small numbers (the lesson's 9.5% of the course model's "
+            "gradients sat below fp16's smallest normal number).",
+        ),
+        Option(
+            "Multiplying by S adds log2(S) bits of precision to every fp16 gradient, so "
+            "scaling by 2^16 makes fp16 about as precise as fp32.",
+            "Multiplying by a power of two changes only the exponent: a number in fp16's "
+            "normal range keeps its 10 mantissa bits and the same relative error. Only the "
+            "numbers too small for the normal range gain digits, because they move into it.",
+        ),
+        Option(
+            "fp16's largest number is 65,504, so large gradients overflow; the scale keeps "
+            "them in range, and bf16 has no such limit.",
+            "Loss scaling multiplies by a large S, which makes overflow more likely, not less "
+            "(GradScaler lowers S when it sees an inf and skips that step). bf16 does overflow "
+            "too, near 3.4e38, like fp32.",
+        ),
+    )
+    answer = "b"
+    _hint = (
+        "Compare torch.finfo(torch.float16).tiny with torch.finfo(torch.bfloat16).tiny, and "
+        "think about what multiplying by 2^16 does to a number's exponent and to its mantissa."
+    )
+
+
+class WhyRecurrenceIsSequential(MultipleChoice):
+    name = "q8"
+    question = """
+On a sequence of T tokens, a transformer's training step can spread the T positions of
+a layer over T processors at once; a GRU's cannot, however many processors it is given.
+Why?
+"""
+    options = (
+        Option(
+            "The GRU must predict token t before it can read it, so the inputs of later "
+            "steps are not known until the earlier steps have run.",
+            "In training every input and target is known in advance: the text is given "
+            "(teacher forcing), for the GRU as for the transformer. What later steps wait "
+            "for is not a token.",
+        ),
+        Option(
+            "Backpropagation through time runs a separate backward pass for each of the T "
+            "steps, T backward passes in all.",
+            "There is one backward pass, through the unrolled graph, costing about twice the "
+            "forward, as for any network. It is sequential too, but not because it is "
+            "repeated.",
+        ),
+        Option(
+            "Its state holds a fixed number of values, too few to keep all T tokens at once.",
+            "That is the GRU's other weakness, what it can remember: everything about the "
+            "past squeezed into n_hidden numbers. It limits the loss, not how the work can "
+            "be split over processors.",
+        ),
+        Option(
+            "Each state needs the one before it, h_t = cell(x_t, h_{t-1}), so the T steps "
+            "are a chain of T operations one after the other, forward and backward. A "
+            "transformer layer computes every position from the layer below at once (the "
+            "causal mask only hides the future), so its chain is as long as the number of "
+            "layers, not T.",
+            "The dependency is the state: nn.GRU can apply the input matrices to all steps at "
+            "once, but not the recurrence. That is why the field moved to transformers once "
+            "GPUs with thousands of cores did the training.",
+        ),
+    )
+    answer = "d"
+    _hint = (
+        "Write down what the GRU needs to compute h_t, and what a transformer layer needs to "
+        "compute position t. Which of those is known before the layer starts?"
+    )
+
+
+q7 = WhyLossScaling()
+q8 = WhyRecurrenceIsSequential()
