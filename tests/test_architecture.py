@@ -28,6 +28,7 @@ LAYERS = [
     "lora",
     "checkpoint",
     "optim",
+    "memory",
     "distributed",
     "train",
     "pretrained",
