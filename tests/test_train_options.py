@@ -194,7 +194,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
     }
 
 
-def _run(args: list[str], env: dict[str, str], processes: int = 1) -> None:
+def _run(args: list[str], env: dict[str, str], processes: int = 1) -> str:
     launch = [sys.executable]
     if processes > 1:
         launch += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
@@ -212,7 +212,7 @@ def test_torchrun_fsdp_matches_one_process(tmp_path):
     env = _env(tmp_path)
     fsdp, one = tmp_path / "fsdp", tmp_path / "one"
     out = _run(["train", str(cfg), "--parallel=fsdp", f"--out_dir={fsdp}"], env, processes=2)
-    assert "world size 2" in out
+    assert "world size 2 (fsdp)" in out
     _run(["train", str(cfg), "--batch_size=8", f"--out_dir={one}"], env)
     a, b = _history(fsdp), _history(one)
     assert a["steps"] == b["steps"] == list(range(1, 7))
