@@ -232,3 +232,20 @@ def test_torchrun_fsdp_matches_one_process(tmp_path):
     a, b = _history(fsdp), _history(one)
     assert a["steps"] == b["steps"] == list(range(1, 9))
     assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-4)
+
+
+def test_the_memory_check_knows_about_checkpointing(monkeypatch):
+    """``minigpt train`` refuses a run too big for the machine; checkpointing shrinks it."""
+    import minigpt.config as run_config
+
+    model = GPTConfig(vocab_size=65, n_layer=12, n_head=12, n_embd=768, block_size=1024)
+    B, L, C, T = 16, 12, 768, 1024
+    P = run_config.num_parameters(model)
+    plain = 16 * P + 4 * (B * T * 16 * L * C + 2 * B * T * 65)
+    ckpt = 16 * P + 4 * (B * T * (L + 16) * C + 2 * B * T * 65)
+    monkeypatch.setattr(run_config, "_memory_limit", lambda: (plain + ckpt) // 2)
+    with pytest.raises(SystemExit, match="would need about"):
+        run_config.check_training_memory(model, TrainConfig(batch_size=B))
+    run_config.check_training_memory(
+        model, TrainConfig(batch_size=B, activation_checkpointing=True)
+    )
