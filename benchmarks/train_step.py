@@ -9,6 +9,7 @@ median over the timed steps after a few warm-up steps.
     python benchmarks/train_step.py            # both sizes, prints a table and PASS/FAIL
     python benchmarks/train_step.py --quick    # a few steps, to check that it runs
     python benchmarks/train_step.py --threads 1   # on a busy shared machine (see below)
+    python benchmarks/train_step.py --precision   # bfloat16 autocast vs float32, 6L/384
 
 Goal: minigpt at least 1.2x the tokens/s of transformers at each size. The two
 sizes are nanoGPT's character-level Tiny Shakespeare configurations (its "laptop
@@ -17,8 +18,18 @@ CPU" one and its default one), hence the default vocabulary of 65 characters;
 dominates the small size.
 
 Both models are plain ``nn.Linear`` layers computed by PyTorch's BLAS; the header
-line names the CPU's instruction set (the README's benchmark notes say which
+line names the CPU's instruction set and its bfloat16 instructions (``avx512_bf16``,
+Intel AMX), as ``lscpu`` lists them (the README's benchmark notes say which
 CPU-specific paths were measured and why none is kept).
+
+``--precision`` measures minigpt's ``Trainer`` with ``dtype="bfloat16"`` (autocast:
+matrix products in bfloat16, weights, norms and the loss in float32) against
+``dtype="float32"`` at 6L/6H/384, context 256, batch 8, on Tiny Shakespeare
+(characters): the same initial weights and batches, steps of the two runs
+alternating, median step time after a few warm-up steps, and then the validation
+loss of both models (in float32, on the first 64 windows of the held-out text)
+after ``--precision-steps`` steps. Goals: bfloat16 at least 1.3x the tokens/s of
+float32 on a CPU with bfloat16 instructions, and its loss within 1% of float32's.
 
 On a machine whose cores are shared with other busy processes, PyTorch's worker
 threads wait on each other at every operation and both models slow down many times
@@ -28,6 +39,7 @@ over; ``--threads 1`` gives steadier figures there.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -39,6 +51,8 @@ import minigpt
 from minigpt import GPT, GPTConfig
 
 GOAL = 1.2
+BF16_GOAL, BF16_LOSS_GOAL = 1.3, 0.01  # speed-up over float32; relative loss difference
+BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")
 
 
 @dataclass
@@ -155,6 +169,99 @@ def measure(size: Size, vocab_size: int, warmup: int, steps: int) -> dict[str, f
     }
 
 
+def cpu_bf16_flags() -> str:
+    """The CPU's bfloat16 instructions, from the flags ``lscpu`` shows (Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next(
+                (line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []
+            )
+    except OSError:
+        return "unknown (no /proc/cpuinfo)"
+    found = [name for name in BF16_FLAGS if name in flags]
+    return ", ".join(found) if found else "none"
+
+
+def measure_precision(steps: int, warmup: int) -> dict[str, float]:
+    """bfloat16 autocast vs float32 training with minigpt's Trainer at 6L/384."""
+    from minigpt.pretrained import shakespeare_char_data
+    from minigpt.tokens import TokenDataset
+    from minigpt.train import TrainConfig, Trainer, validation_loss
+
+    size = SIZES[1]
+    tok, train_ids, val_ids = shakespeare_char_data()
+    trainers = {}
+    for dtype in ("float32", "bfloat16"):
+        torch.manual_seed(0)  # the same initial weights for both
+        model = GPT(
+            GPTConfig(
+                vocab_size=tok.vocab_size,
+                block_size=size.block_size,
+                n_layer=size.n_layer,
+                n_head=size.n_head,
+                n_embd=size.n_embd,
+                dropout=0.0,
+            )
+        )
+        config = TrainConfig(
+            max_steps=steps,
+            batch_size=size.batch_size,
+            lr=1e-3,
+            min_lr=1e-4,
+            warmup_steps=20,
+            eval_interval=0,
+            device="cpu",
+            dtype=dtype,
+            progress=False,
+        )
+        trainers[dtype] = Trainer(model, TokenDataset(train_ids, size.block_size), None, config)
+    times: dict[str, list[float]] = {name: [] for name in trainers}
+    losses: dict[str, float] = {}
+    for i in range(steps):
+        order = list(trainers.items())
+        for name, trainer in order if i % 2 == 0 else order[::-1]:
+            t0 = time.perf_counter()
+            losses[name] = trainer.train_step()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    tokens = size.batch_size * size.block_size
+    held_out = val_ids[: 64 * size.block_size + 1]
+    r: dict[str, float] = {}
+    for name, trainer in trainers.items():
+        r[f"{name} tok/s"] = tokens / statistics.median(times[name])
+        r[f"{name} train loss"] = losses[name]
+        r[f"{name} val loss"] = validation_loss(trainer.model, held_out)
+    return r
+
+
+def main_precision(args: argparse.Namespace) -> int:
+    steps, warmup = (10, 3) if args.quick else (args.precision_steps, 5)
+    size = SIZES[1]
+    print(
+        f"bfloat16 autocast vs float32, minigpt Trainer, {size.name}, Tiny Shakespeare "
+        f"characters; {steps} steps each ({warmup} warm-up), median tokens/s; "
+        f"validation loss in float32 on 64 held-out windows\n"
+    )
+    r = measure_precision(steps, warmup)
+    for name in ("float32", "bfloat16"):
+        print(
+            f"{name:<9} {r[f'{name} tok/s']:>8,.0f} tok/s   train loss {r[f'{name} train loss']:.4f}"
+            f"   val loss {r[f'{name} val loss']:.4f}"
+        )
+    speed = r["bfloat16 tok/s"] / r["float32 tok/s"]
+    gap = abs(r["bfloat16 val loss"] - r["float32 val loss"]) / r["float32 val loss"]
+    fast, close = speed >= BF16_GOAL, gap <= BF16_LOSS_GOAL
+    print(
+        f"\nbf16 speed-up over fp32 at 6L/384: {speed:.2f}x (goal >= {BF16_GOAL}x): "
+        f"{'PASS' if fast else 'FAIL'}"
+    )
+    print(
+        f"bf16 val loss vs fp32 after {steps} steps: {100 * gap:.2f}% apart "
+        f"(goal within {100 * BF16_LOSS_GOAL:.0f}%): {'PASS' if close else 'FAIL'}"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 warm-up + 3 timed steps")
@@ -164,18 +271,31 @@ def main(argv: list[str] | None = None) -> int:
         "--vocab-size", type=int, default=65, help="default: Tiny Shakespeare's characters"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument(
+        "--precision", action="store_true", help="bfloat16 autocast vs float32 (6L/384)"
+    )
+    parser.add_argument("--precision-steps", type=int, default=200, help="steps per precision")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.warmup, args.steps = 2, 3
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.precision:
+        print(
+            f"torch {torch.__version__}, minigpt {minigpt.__version__}; "
+            f"{torch.get_num_threads()} threads on CPU ({torch.backends.cpu.get_cpu_capability()}; "
+            f"bf16 instructions: {cpu_bf16_flags()}); {os.cpu_count()} CPUs, "
+            f"load average {os.getloadavg()[0]:.1f}"
+        )
+        return main_precision(args)
+    if args.quick:
+        args.warmup, args.steps = 2, 3
 
     import transformers
 
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
         f"minigpt {minigpt.__version__}; {torch.get_num_threads()} threads, float32 on CPU "
-        f"({torch.backends.cpu.get_cpu_capability()})"
+        f"({torch.backends.cpu.get_cpu_capability()}; bf16 instructions: {cpu_bf16_flags()}); "
+        f"load average {os.getloadavg()[0]:.1f}"
     )
     print(
         f"vocab {args.vocab_size}, AdamW (fused if available) for both; "

@@ -284,9 +284,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
             model, train_data, val_data, train_config, tokenizer=tokenizer, metadata=metadata
         )
     if trainer.ddp.is_main:
+        world = trainer.ddp.world_size
+        how = f" ({train_config.parallel})" if world > 1 else ""
         print(
-            f"model: {trainer.model.num_parameters():,} parameters; world size {trainer.ddp.world_size}; "
-            f"device {trainer.device}; steps {trainer.step} -> {train_config.max_steps}"
+            f"model: {trainer.model.num_parameters():,} parameters; world size {world}{how}; "
+            f"device {trainer.device}, {str(trainer.dtype).removeprefix('torch.')}; "
+            f"steps {trainer.step} -> {train_config.max_steps}"
         )
     finished = False
     try:

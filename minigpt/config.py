@@ -221,8 +221,10 @@ def check_memory(need: int, what: str, fix: str) -> None:
 
 def check_training_memory(model: Any, train: Any) -> None:
     params = num_parameters(model)
-    # float32 weights, gradients and AdamW's two moments, plus the activations of a batch
-    activations = train.batch_size * model.block_size * (16 * model.n_layer * model.n_embd)
+    # float32 weights, gradients and AdamW's two moments, plus the activations of a batch:
+    # with checkpointing, each block's input plus one block's internals during its recompute
+    layers = model.n_layer + 16 if train.activation_checkpointing else 16 * model.n_layer
+    activations = train.batch_size * model.block_size * layers * model.n_embd
     logits = 2 * train.batch_size * model.block_size * model.vocab_size
     check_memory(
         16 * params + 4 * (activations + logits),

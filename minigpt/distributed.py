@@ -1,4 +1,4 @@
-"""Where a run computes: the device, the number format, and the processes of a DDP run.
+"""Where a run computes: the device, the number format, and the processes of a run.
 
 - ``pick_device("auto")`` is CUDA when a GPU is there, else the CPU; ``pick_dtype``
   chooses bfloat16 autocast on GPUs that support it (float16 with a gradient scaler
@@ -7,6 +7,14 @@
   environment variables (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ...) and returns a
   ``DistInfo``; ``teardown_distributed`` waits for every rank and leaves the group.
   One process (``world_size == 1``) needs neither and gets a ``DistInfo()``.
+- ``wrap_model`` makes the module a training step runs: the model itself, compiled,
+  wrapped in DDP (``parallel="ddp"``: every process holds all the weights, gradients
+  are averaged by an all-reduce) or sharded with FSDP (``parallel="fsdp"``,
+  ``torch.distributed.fsdp.fully_shard``: each process holds 1/world_size of the
+  weights, gradients and optimizer state, and gathers a block's weights just before
+  using it). ``skip_gradient_sync`` lets accumulation micro-batches skip the reduction;
+  ``gather_model`` / ``plain_copy`` + ``scatter_model`` move a sharded run's state to
+  and from a plain model and optimizer, which is what checkpoints store.
 - ``StopSignals`` turns the first Ctrl-C or SIGTERM into a request to stop after the
   current step; in a DDP run the ranks agree on it, so they stop together.
 """
@@ -18,25 +26,39 @@ import os
 import signal
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from minigpt.memory import checkpoint_blocks
+from minigpt.model import GPT
+from minigpt.optim import configure_optimizer
 
 __all__ = [
     "DEVICES",
     "DTYPES",
+    "PARALLEL",
     "DistInfo",
     "StopSignals",
     "autocast",
     "check_device",
+    "gather_model",
+    "is_sharded",
     "pick_device",
     "pick_dtype",
+    "plain_copy",
+    "scatter_model",
     "setup_distributed",
+    "skip_gradient_sync",
     "teardown_distributed",
+    "wrap_model",
 ]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")  # "cuda:N" too
+PARALLEL = ("ddp", "fsdp")  # how several processes share the work (one process: neither)
 
 
 @dataclass(frozen=True)
@@ -142,6 +164,121 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- DDP and FSDP
+
+
+def wrap_model(model: GPT, info: DistInfo, device: torch.device, config: Any) -> nn.Module:
+    """The module a training step calls: ``model``, maybe checkpointed, sharded,
+    compiled and DDP-wrapped, as ``config`` (a checked ``TrainConfig``) says.
+
+    ``config.activation_checkpointing`` wraps the blocks' forward in place
+    (``minigpt.memory.checkpoint_blocks``). With one process ``config.parallel``
+    changes nothing. FSDP shards ``model`` itself, in place (each block is one unit,
+    gathered whole for its forward and backward; its parameters become ``DTensor``
+    shards): build the optimizer after this call.
+    """
+    parallel = config.parallel
+    if config.activation_checkpointing:
+        checkpoint_blocks(model)
+    if info.enabled and parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.h:
+            fully_shard(block)
+        fully_shard(model)  # the embeddings, the final norm and the (tied) head
+    runner: nn.Module = torch.compile(model) if config.compile else model
+    if info.enabled and parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        runner = DDP(runner, device_ids=[device.index] if device.type == "cuda" else None)
+    return runner
+
+
+def skip_gradient_sync(
+    runner: nn.Module, model: nn.Module, skip: bool
+) -> contextlib.AbstractContextManager:
+    """A context for one micro-batch's backward: with ``skip``, gradients stay local
+    (DDP's ``no_sync``, FSDP's ``set_requires_gradient_sync(False)``) and are reduced
+    with the last micro-batch's. One process: nothing to skip."""
+    if hasattr(runner, "no_sync"):  # DDP
+        return runner.no_sync() if skip else contextlib.nullcontext()
+    if hasattr(model, "set_requires_gradient_sync"):  # sharded by fully_shard
+        model.set_requires_gradient_sync(not skip)
+    return contextlib.nullcontext()
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``wrap_model`` sharded ``model`` with FSDP."""
+    return hasattr(model, "set_requires_gradient_sync")
+
+
+def plain_copy(model: GPT, optimizer: torch.optim.Optimizer) -> tuple[GPT, torch.optim.Optimizer]:
+    """A sharded model's unsharded twin: a plain ``GPT`` and AdamW on the CPU, ready for a
+    checkpoint's state. For a model that is not sharded: ``(model, optimizer)`` itself."""
+    if not is_sharded(model):
+        return model, optimizer
+    plain = GPT(model.config)
+    return plain, configure_optimizer(plain, lr=0.0, weight_decay=0.0, fused=False)
+
+
+def gather_model(
+    model: GPT, optimizer: torch.optim.Optimizer
+) -> tuple[GPT | None, torch.optim.Optimizer | None]:
+    """A sharded model's full weights and optimizer state, as a plain ``GPT`` and AdamW
+    on rank 0 and ``(None, None)`` on the other ranks; every rank must call it. For a
+    model that is not sharded: ``(model, optimizer)`` itself."""
+    if not is_sharded(model):
+        return model, optimizer
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_state_dict,
+        set_state_dict,
+    )
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0 only
+    weights, optim = get_state_dict(model, optimizer, options=full)
+    if dist.get_rank() != 0:
+        return None, None
+    plain, plain_optimizer = plain_copy(model, optimizer)
+    set_state_dict(
+        plain,
+        plain_optimizer,
+        model_state_dict=weights,
+        optim_state_dict=optim,
+        options=StateDictOptions(full_state_dict=True),
+    )
+    return plain, plain_optimizer
+
+
+def scatter_model(
+    plain: GPT,
+    plain_optimizer: torch.optim.Optimizer,
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+) -> None:
+    """Load a plain model and optimizer (the same on every rank) into a sharded pair;
+    nothing when ``model`` is ``plain`` (not sharded). Every rank must call it."""
+    if plain is model:
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_state_dict,
+        set_state_dict,
+    )
+
+    weights, optim = get_state_dict(plain, plain_optimizer)
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=weights,
+        optim_state_dict=optim,
+        options=StateDictOptions(full_state_dict=True),
+    )
+
+
+# --------------------------------------------------------------------------- stop signals
 
 
 class StopSignals:

@@ -27,7 +27,14 @@ from minigpt.data import DataError, cache_dir
 from minigpt.files import remove_stale_temporaries
 from minigpt.tokenizer import safe_cuts
 
-__all__ = ["TokenDataset", "cached_tokens", "encode_to_file", "load_tokens", "token_dtype"]
+__all__ = [
+    "TokenDataset",
+    "cached_tokens",
+    "check_token_dataset",
+    "encode_to_file",
+    "load_tokens",
+    "token_dtype",
+]
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -210,3 +217,15 @@ class TokenDataset:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A random batch: inputs x (B, T) and targets y (B, T), with y[:, t] = x[:, t + 1]."""
         return self.windows(self.offsets(batch_size, generator))
+
+
+def check_token_dataset(data: object, name: str, block_size: int) -> None:
+    """Raise unless ``data`` is a ``TokenDataset`` whose windows fit a model context of
+    ``block_size`` tokens (``name`` is the argument's name, for the message)."""
+    if not isinstance(data, TokenDataset):
+        raise TypeError(f"{name} must be a minigpt.tokens.TokenDataset, got {type(data).__name__}")
+    if data.block_size > block_size:
+        raise ValueError(
+            f"{name}.block_size ({data.block_size}) is longer than the model's context "
+            f"(block_size={block_size})"
+        )

@@ -16,7 +16,9 @@ Resuming restores everything that influences the next step, so a run stopped and
 resumed produces the same losses as one that never stopped. Ctrl-C and SIGTERM
 finish the current step and save before stopping. Multi-process training with
 ``torchrun`` (DDP, ``minigpt.distributed``) is picked up from the environment
-variables torchrun sets; rank 0 logs and writes checkpoints.
+variables torchrun sets; rank 0 logs and writes checkpoints. ``parallel="fsdp"`` shards
+the weights, gradients and optimizer state across the processes instead, and
+``activation_checkpointing`` recomputes each block in backward (``minigpt.memory``).
 """
 
 from __future__ import annotations
@@ -47,17 +49,23 @@ from minigpt.checkpoint import (
 )
 from minigpt.distributed import (
     DTYPES,
+    PARALLEL,
     StopSignals,
     autocast,
     check_device,
+    gather_model,
     pick_device,
     pick_dtype,
+    plain_copy,
+    scatter_model,
     setup_distributed,
+    skip_gradient_sync,
+    wrap_model,
 )
 from minigpt.files import check_bool, check_int, config_from_dict
 from minigpt.model import GPT, GPTConfig
 from minigpt.optim import OptimConfig, clip_grad_norm, configure_optimizer, set_lr
-from minigpt.tokens import TokenDataset
+from minigpt.tokens import TokenDataset, check_token_dataset
 
 __all__ = [
     "LossHistory",
@@ -96,6 +104,10 @@ class TrainConfig(OptimConfig):
         dtype: "auto" (bfloat16 autocast on CUDA when supported, else float32),
             "float32", "bfloat16" or "float16" (with a gradient scaler).
         compile: wrap the model in ``torch.compile``.
+        activation_checkpointing: recompute each block's activations in backward
+            instead of storing them (``minigpt.memory.checkpoint_blocks``).
+        parallel: with several processes, "ddp" (each holds all weights) or "fsdp"
+            (``fully_shard``: weights, gradients and optimizer state sharded).
         fused: use the fused AdamW kernel (None = when available).
         progress: show a tqdm progress bar (rank 0 only).
     """
@@ -107,6 +119,8 @@ class TrainConfig(OptimConfig):
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False
+    activation_checkpointing: bool = False
+    parallel: str = "ddp"
     fused: bool | None = None
     progress: bool = True
 
@@ -122,11 +136,14 @@ class TrainConfig(OptimConfig):
         if self.out_dir is not None:
             self.out_dir = os.fspath(self.out_dir)
         check_device(self.device)
-        if self.dtype not in DTYPES:
-            raise ValueError(
-                f"TrainConfig.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"
-            )
+        for name, allowed in (("dtype", DTYPES), ("parallel", PARALLEL)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"TrainConfig.{name} must be one of {', '.join(allowed)}, "
+                    f"got {getattr(self, name)!r}"
+                )
         check_bool(self, "compile")
+        check_bool(self, "activation_checkpointing")
         check_bool(self, "progress")
         check_bool(self, "fused", optional=True)
 
@@ -296,24 +313,17 @@ class Trainer:
         self.config = config = config or TrainConfig()
         if not isinstance(model, GPT):
             raise TypeError(f"Trainer trains a minigpt GPT, got {type(model).__name__}")
-        for name, data in (("train_data", train_data), ("val_data", val_data)):
-            if data is None and name == "val_data":
-                continue
-            if not isinstance(data, TokenDataset):
-                raise TypeError(
-                    f"{name} must be a minigpt.tokens.TokenDataset, got {type(data).__name__}"
-                )
-            if data.block_size > model.config.block_size:
-                raise ValueError(
-                    f"{name}.block_size ({data.block_size}) is longer than the model's context "
-                    f"(block_size={model.config.block_size})"
-                )
+        check_token_dataset(train_data, "train_data", model.config.block_size)
+        if val_data is not None:
+            check_token_dataset(val_data, "val_data", model.config.block_size)
         self.train_data, self.val_data = train_data, val_data
         self.tokenizer, self.metadata, self.on_step = tokenizer, dict(metadata or {}), on_step
         self.ddp = setup_distributed(config.device)
         self.device = pick_device(config.device, self.ddp)
         self.dtype = pick_dtype(config.dtype, self.device)
-        self.model = model.to(self.device)  # the plain model: save/load/sample use this one
+        self.model = model.to(self.device)  # save/load/sample use this one (FSDP shards it)
+        # the module that runs forward/backward: maybe checkpointed, sharded, compiled, DDP
+        self._runner = wrap_model(self.model, self.ddp, self.device, config)
         self.optimizer = configure_optimizer(
             self.model,
             lr=config.lr,
@@ -330,15 +340,6 @@ class Trainer:
         self.history = LossHistory()
         self._last_saved: tuple[Path, int] | None = None
         self._start_time: float | None = None  # set by train(): the clock the schedule may follow
-        # the module that runs forward/backward: maybe compiled, maybe DDP-wrapped
-        self._runner: nn.Module = self.model
-        if config.compile:
-            self._runner = torch.compile(self._runner)
-        if self.ddp.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self._runner = DDP(self._runner, device_ids=ids)
         # the dropout RNG: seeded per rank so that ranks drop different units
         torch.manual_seed(_mix(config.seed, self.ddp.rank, salt=2))
 
@@ -394,11 +395,8 @@ class Trainer:
         for m in range(A):
             x, y = self.train_data.windows(mine[m * B : (m + 1) * B])
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            # DDP averages gradients across ranks on backward; only on the last micro-step
-            sync = contextlib.nullcontext()
-            if self.ddp.enabled and m < A - 1:
-                sync = self._runner.no_sync()
-            with sync:
+            # gradients are averaged across ranks on backward; only on the last micro-step
+            with skip_gradient_sync(self._runner, self.model, m < A - 1):
                 with self._autocast():
                     _, loss = self._runner(x, y)
                 loss_sum += loss.detach().float()
@@ -494,15 +492,17 @@ class Trainer:
         if self.out_dir is None:
             return None
         final = self.out_dir / name
+        # sharded: every rank sends its shards and rank 0 writes the whole (else: unchanged)
+        model, optimizer = gather_model(self.model, self.optimizer)
         if self.ddp.is_main:
-            write_checkpoint_folder(final, self._write_checkpoint)
+            write_checkpoint_folder(final, lambda d: self._write_checkpoint(d, model, optimizer))
         if self.ddp.enabled:
             dist.barrier()
         if name == "last":
             self._last_saved = (final, self.step)
         return final
 
-    def _write_checkpoint(self, directory: Path) -> None:
+    def _write_checkpoint(self, directory: Path, model: GPT, optimizer: Any) -> None:
         state = {
             "step": self.step,
             "train_config": self.config.to_dict(),
@@ -514,7 +514,7 @@ class Trainer:
             "metadata": self.metadata,
         }
         save_training_state(
-            directory, self.model, self.optimizer, self.scaler, state, tokenizer=self.tokenizer
+            directory, model, optimizer, self.scaler, state, tokenizer=self.tokenizer
         )
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> Path:
@@ -524,7 +524,9 @@ class Trainer:
         Raises ``CheckpointError`` naming the file that is missing or corrupt.
         """
         directory = find_checkpoint(path)
-        state = load_training_state(directory, self.model, self.optimizer, self.scaler)
+        model, optimizer = plain_copy(self.model, self.optimizer)  # unless sharded: the same
+        state = load_training_state(directory, model, optimizer, self.scaler)
+        scatter_model(model, optimizer, self.model, self.optimizer)  # each rank takes its shards
         self.step = int(state["step"])
         best = state.get("best_val_loss")
         self.best_val_loss = math.inf if best is None else float(best)

@@ -29,6 +29,7 @@ LAYERS = [
     "lora",
     "checkpoint",
     "optim",
+    "memory",
     "distributed",
     "train",
     "pretrained",
