@@ -775,8 +775,8 @@ def test_backward_pass_sees_a_grad_fn_called_by_hand_but_not_a_graph_left_alone(
     backward = Shortcut("autograd", "by hand", (BACKWARD_PASS,))
     x = torch.randn(3)
     with pytest.raises(Incorrect, match="autograd is not allowed here"), forbid(backward):
-        y = (x.clone().requires_grad_() * 2).exp().sum()
-        y.grad_fn(torch.ones(()))  # one node's backward, no .backward() anywhere
+        y = (x.clone().requires_grad_() * 2).exp()  # exp saves its result for backward
+        y.grad_fn(torch.ones(3))  # one node's backward, no .backward() anywhere
     with forbid(backward):  # a graph recorded but never run backwards is no shortcut
         z = (x.clone().requires_grad_() * 2).exp().sum()
     assert z.grad_fn is not None

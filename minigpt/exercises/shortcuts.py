@@ -8,7 +8,8 @@ Python functions, a torch function mode for torch's) and raises ``Incorrect``
 Nothing is patched, so the learner's code runs exactly as it would anyway.
 ``BACKWARD_PASS`` in a shortcut's ``uses`` catches autograd by what it does rather than
 by name: any backward pass that reads a tensor saved while the learner's code ran
-(``loss.backward()``, ``torch.autograd.grad``, a ``grad_fn`` called by hand).
+(``loss.backward()``, ``torch.autograd.grad``, a ``grad_fn`` called by hand; a step
+through nodes that save nothing, such as a sum, goes unseen, so name the functions too).
 """
 
 from __future__ import annotations
