@@ -31,7 +31,7 @@ from minigpt.exercises.core import (
 from minigpt.exercises.shortcuts import BACKWARD_PASS, Shortcut, forbid
 from minigpt.tokens import TokenDataset
 
-__all__ = ["q1", "q2", "q3", "q4", "q5", "q6", "q7", "q8", "q9"]
+__all__ = ["Value", "q1", "q2", "q3", "q4", "q5", "q6", "q7", "q8", "q9"]
 
 
 def _data() -> torch.Tensor:
@@ -689,6 +689,8 @@ class Value:
         return Value(t, (self,), (1 - t * t,))
 
     def backward(self, mul_backward):
+        """Fill ``.grad`` of every Value this one was computed from (d self / d value),
+        visiting them from this one back; products call ``mul_backward(a, b, out.grad)``."""
         order, seen = [], set()
 
         def visit(v):
