@@ -296,6 +296,11 @@ def _q8_formula(*, mean=True, one_hot=True, transpose_d_W=False):
     return backward_by_hand
 
 
+def _q8_one_hot_without_num_classes(feats, W, b, labels):  # right until labels miss class K-1
+    G = (torch.softmax(feats @ W.T + b, dim=-1) - F.one_hot(labels)) / len(labels)
+    return G @ W, G.T @ feats, G.sum(dim=0)
+
+
 def _q9_step(*, add=True, swap=False):
     """q9's backward step with one mistake: = instead of +=, or the local gradients swapped."""
 
@@ -327,6 +332,7 @@ CH05_BACKPROP_BOUNDARIES = [
     (ch05.q8, "no division by N", _q8_formula(mean=False)),
     (ch05.q8, "d_W transposed (feats.T @ G)", _q8_formula(transpose_d_W=True)),
     (ch05.q8, "softmax without the one-hot subtracted", _q8_formula(one_hot=False)),
+    (ch05.q8, "F.one_hot(labels) without num_classes (N = 1)", _q8_one_hot_without_num_classes),
     (ch05.q9, "= instead of +=", _q9_step(add=False)),
     (ch05.q9, "local gradients swapped", _q9_step(swap=True)),
 ]

@@ -562,12 +562,13 @@ _AUTOGRAD = (
 )
 
 
-def _linear_ce_grads(feats, W, b, labels, *, mean=True, one_hot=True):
-    """(d_feats, d_W, d_b) of cross-entropy(feats @ W.T + b) by formula; the two flags
-    give the mistakes q8 names (no division by N, no one-hot subtracted)."""
+def _linear_ce_grads(feats, W, b, labels, *, mean=True, one_hot=True, width=None):
+    """(d_feats, d_W, d_b) of cross-entropy(feats @ W.T + b) by formula; the flags give
+    the mistakes q8 names (no division by N, no one-hot subtracted, a one-hot ``width``
+    wide, as ``F.one_hot(labels)`` without num_classes is when it broadcasts)."""
     G = torch.softmax(feats @ W.T + b, dim=-1)  # (N, K)
     if one_hot:
-        G = G - F.one_hot(labels, W.shape[0]).to(G.dtype)
+        G = G - F.one_hot(labels, width or W.shape[0]).to(G.dtype)
     if mean:
         G = G / len(labels)
     return G @ W, G.T @ feats, G.sum(dim=0)
@@ -624,6 +625,9 @@ def backward_by_hand(feats, W, b, labels):
             if N > 1:  # with one row, the mean is the sum
                 no_mean = "forgets to divide by N: the loss is the mean over the rows"
                 mistakes.append((no_mean, {"mean": False}))
+            if labels.max() == 0:  # F.one_hot(labels) is one column wide: it broadcasts
+                narrow = "has a one-hot too narrow: give F.one_hot num_classes=K"
+                mistakes.append((narrow, {"width": 1}))
             for mistake, kwargs in mistakes:
                 wrong = _linear_ce_grads(feats, W, b, labels, **kwargs)
                 for t, w, name in zip(got, wrong, ("d_feats", "d_W", "d_b")):
