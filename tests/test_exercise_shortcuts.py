@@ -30,7 +30,7 @@ from torch import nn
 from minigpt import optim as package_optim
 from minigpt.exercises import ch00, ch02, ch03, ch04, ch05, ch06, ch07, ch10
 from minigpt.exercises.core import Incorrect, LearnerError, call
-from minigpt.exercises.shortcuts import Shortcut, forbid
+from minigpt.exercises.shortcuts import BACKWARD_PASS, Shortcut, forbid
 from tests.test_exercises import ALL
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,6 +206,155 @@ def _clip_with(clip):
         return [p.grad for p in params]
 
     return clip_gradients
+
+
+# ---------------------------------------------------------------- ch05 backprop: q8, q9
+# q8 asks for the gradients of cross-entropy(feats @ W.T + b) written out, q9 for the
+# backward step of Value's product; both forbid autograd in every form.
+
+
+def _leaves(*ts):
+    return [t.detach().clone().requires_grad_() for t in ts]
+
+
+def _q8_loss(f, w, bb, labels):
+    return F.cross_entropy(f @ w.T + bb, labels)
+
+
+def _q8_tensor_backward(feats, W, b, labels):
+    f, w, bb = _leaves(feats, W, b)
+    _q8_loss(f, w, bb, labels).backward()
+    return f.grad, w.grad, bb.grad
+
+
+def _q8_autograd_grad(feats, W, b, labels):
+    f, w, bb = _leaves(feats, W, b)
+    return torch.autograd.grad(_q8_loss(f, w, bb, labels), (f, w, bb))
+
+
+def _q8_autograd_backward(feats, W, b, labels):
+    f, w, bb = _leaves(feats, W, b)
+    torch.autograd.backward(_q8_loss(f, w, bb, labels))
+    return f.grad, w.grad, bb.grad
+
+
+def _q8_torch_func(feats, W, b, labels):
+    return torch.func.grad(_q8_loss, argnums=(0, 1, 2))(feats, W, b, labels)
+
+
+def _q8_grad_fn_by_hand(feats, W, b, labels):  # no .backward(): the loss's grad_fn, called
+    logits = (feats @ W.T + b).requires_grad_()
+    (G,) = _q8_loss_node(F.cross_entropy(logits, labels))
+    return G @ W, G.T @ feats, G.sum(dim=0)
+
+
+def _q8_loss_node(loss):
+    """Walk the loss's grad_fn chain by hand down to the leaf logits: dL/dlogits."""
+    node, grads = loss.grad_fn, (torch.ones(()),)
+    while node is not None and type(node).__name__ != "AccumulateGrad":
+        grads = node(*grads)
+        grads = grads if isinstance(grads, tuple) else (grads,)
+        node = node.next_functions[0][0]
+    return grads[:1]
+
+
+def _q8_backward_kernels(feats, W, b, labels):
+    logits = feats @ W.T + b
+    log_probs = torch.log_softmax(logits, dim=-1)
+    d_log_probs = torch.zeros_like(log_probs)
+    d_log_probs[torch.arange(len(labels)), labels] = -1.0 / len(labels)
+    G = torch.ops.aten._log_softmax_backward_data(d_log_probs, log_probs, -1, logits.dtype)
+    return G @ W, G.T @ feats, G.sum(dim=0)
+
+
+def _q9_tensor_backward(a, b, out_grad):
+    ta, tb = torch.tensor(a.data, requires_grad=True), torch.tensor(b.data, requires_grad=True)
+    (ta * tb).backward(torch.tensor(out_grad))
+    a.grad += ta.grad.item()
+    b.grad += tb.grad.item()
+    return a.grad, b.grad
+
+
+def _q9_autograd_grad(a, b, out_grad):
+    ta, tb = torch.tensor(a.data, requires_grad=True), torch.tensor(b.data, requires_grad=True)
+    da, db = torch.autograd.grad(ta * tb, (ta, tb), torch.tensor(out_grad))
+    a.grad += da.item()
+    b.grad += db.item()
+    return a.grad, b.grad
+
+
+def _q8_formula(*, mean=True, one_hot=True, transpose_d_W=False):
+    """The q8 formula with one mistake: no division by N, no one-hot, d_W transposed."""
+
+    def backward_by_hand(feats, W, b, labels):
+        G = torch.softmax(feats @ W.T + b, dim=-1)  # (N, K)
+        G = G - F.one_hot(labels, W.shape[0]) if one_hot else G
+        G = G / len(labels) if mean else G
+        d_W = feats.T @ G if transpose_d_W else G.T @ feats  # (C_in, K) vs (K, C_in)
+        return G @ W, d_W, G.sum(dim=0)
+
+    return backward_by_hand
+
+
+def _q8_one_hot_without_num_classes(feats, W, b, labels):  # right until labels miss class K-1
+    G = (torch.softmax(feats @ W.T + b, dim=-1) - F.one_hot(labels)) / len(labels)
+    return G @ W, G.T @ feats, G.sum(dim=0)
+
+
+def _q9_step(*, add=True, swap=False):
+    """q9's backward step with one mistake: = instead of +=, or the local gradients swapped."""
+
+    def mul_backward(a, b, out_grad):
+        da, db = (a.data, b.data) if swap else (b.data, a.data)  # d(a*b)/da = b
+        if add:
+            a.grad += da * out_grad
+            b.grad += db * out_grad
+        else:
+            a.grad = da * out_grad
+            b.grad = db * out_grad
+        return a.grad, b.grad
+
+    return mul_backward
+
+
+CH05_BACKPROP_SHORTCUTS = [
+    (ch05.q8, "Tensor.backward", _q8_tensor_backward),
+    (ch05.q8, "torch.autograd.grad", _q8_autograd_grad),
+    (ch05.q8, "torch.autograd.backward", _q8_autograd_backward),
+    (ch05.q8, "torch.func.grad", _q8_torch_func),
+    (ch05.q8, "the loss's grad_fn called by hand", _q8_grad_fn_by_hand),
+    (ch05.q8, "aten._log_softmax_backward_data", _q8_backward_kernels),
+    (ch05.q9, "Tensor.backward on a torch product", _q9_tensor_backward),
+    (ch05.q9, "torch.autograd.grad on a torch product", _q9_autograd_grad),
+]
+
+CH05_BACKPROP_BOUNDARIES = [
+    (ch05.q8, "no division by N", _q8_formula(mean=False)),
+    (ch05.q8, "d_W transposed (feats.T @ G)", _q8_formula(transpose_d_W=True)),
+    (ch05.q8, "softmax without the one-hot subtracted", _q8_formula(one_hot=False)),
+    (ch05.q8, "F.one_hot(labels) without num_classes (N = 1)", _q8_one_hot_without_num_classes),
+    (ch05.q9, "= instead of +=", _q9_step(add=False)),
+    (ch05.q9, "local gradients swapped", _q9_step(swap=True)),
+]
+
+
+def test_the_backprop_variants_change_one_thing_of_a_correct_answer():
+    assert ch05.q8.check(_q8_formula()).status == "correct"
+    assert ch05.q9.check(_q9_step()).status == "correct"
+
+
+def test_the_backprop_shortcuts_compute_the_right_gradients():
+    """Each shortcut would pass if it were allowed: only forbid rejects it."""
+    g = torch.Generator().manual_seed(0)
+    feats, W, b = torch.randn(5, 3, generator=g), torch.randn(4, 3, generator=g), torch.randn(4)
+    labels = torch.tensor([0, 3, 1, 1, 2])
+    want = _q8_formula()(feats, W, b, labels)
+    for q, _, answer in CH05_BACKPROP_SHORTCUTS:
+        if q is ch05.q8:
+            for got, w in zip(answer(feats, W, b, labels), want):
+                torch.testing.assert_close(got, w)
+    a, bv = ch05.Value(0.5), ch05.Value(-1.5)
+    assert _q9_tensor_backward(a, bv, 2.0) == pytest.approx((-3.0, 1.0))
 
 
 # ---------------------------------------------------------------- ch06: sampling edges
@@ -404,6 +553,7 @@ SHORTCUTS = [
     (ch10.q4, "minigpt.optim.configure_optimizer", _configure_optimizer_state),
     (ch10.q5, "torch.stack(...).mean", _stack_mean),
     (ch10.q5, "torch.sum of a stack", _sum_of_stack),
+    *CH05_BACKPROP_SHORTCUTS,
 ]
 
 # (question, what the answer gets wrong): each must be incorrect
@@ -434,6 +584,7 @@ BOUNDARIES = [
     (ch10.q3, "scales by 128 and lets -128 in", _wrong(ch10.q3, "scale_128")),
     (ch10.q3, "truncates instead of rounding", _wrong(ch10.q3, "truncates")),
     (ch10.q5, "averages with one neighbour only", _wrong(ch10.q5, "pairwise")),
+    *CH05_BACKPROP_BOUNDARIES,
 ]
 
 _CHAPTER = {id(q): chapter for chapter, q in ALL}
@@ -624,3 +775,15 @@ def test_a_target_forbid_cannot_spot_is_a_type_error():
         forbid(Shortcut("torch.layer_norm", "by hand", (torch.layer_norm,))),
     ):
         pass
+
+
+def test_backward_pass_sees_a_grad_fn_called_by_hand_but_not_a_graph_left_alone():
+    backward = Shortcut("autograd", "by hand", (BACKWARD_PASS,))
+    x = torch.randn(3)
+    with pytest.raises(Incorrect, match="autograd is not allowed here"), forbid(backward):
+        y = (x.clone().requires_grad_() * 2).exp()  # exp saves its result for backward
+        y.grad_fn(torch.ones(3))  # one node's backward, no .backward() anywhere
+    with forbid(backward):  # a graph recorded but never run backwards is no shortcut
+        z = (x.clone().requires_grad_() * 2).exp().sum()
+    assert z.grad_fn is not None
+    z.backward()  # outside the block: not watched

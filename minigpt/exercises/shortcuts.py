@@ -6,6 +6,10 @@ inside ``forbid(...)``, which watches what the code calls (a profile hook for
 Python functions, a torch function mode for torch's) and raises ``Incorrect``
 ("F.layer_norm is not allowed here: <what to do instead>") when it was used.
 Nothing is patched, so the learner's code runs exactly as it would anyway.
+``BACKWARD_PASS`` in a shortcut's ``uses`` catches autograd by what it does rather than
+by name: any backward pass that reads a tensor saved while the learner's code ran
+(``loss.backward()``, ``torch.autograd.grad``, a ``grad_fn`` called by hand; a step
+through nodes that save nothing, such as a sum, goes unseen, so name the functions too).
 """
 
 from __future__ import annotations
@@ -17,7 +21,17 @@ from typing import Any
 
 from minigpt.exercises.core import Incorrect
 
-__all__ = ["Shortcut", "forbid"]
+__all__ = ["BACKWARD_PASS", "Shortcut", "forbid"]
+
+
+class _BackwardPass:
+    def __repr__(self) -> str:
+        return "BACKWARD_PASS"
+
+
+BACKWARD_PASS = (
+    _BackwardPass()
+)  # a ``uses`` entry: any autograd backward pass over the code's graph
 
 
 @dataclass(frozen=True, eq=False)
@@ -33,7 +47,11 @@ class Shortcut:
     - a string: the name of a torch function, which matches it wherever it lives
       (``"layer_norm"`` is ``F.layer_norm``, ``torch.layer_norm``, ``torch.ops.aten.layer_norm``;
       ``"__getitem__"`` is indexing a tensor). ``when(args, kwargs)``, if given, says which
-      of those calls count (indexing one tensor, not every tensor).
+      of those calls count (indexing one tensor, not every tensor);
+    - ``BACKWARD_PASS``: autograd reading a tensor saved for backward while the code
+      ran, however the backward pass was started (seen through
+      ``torch.autograd.graph.saved_tensors_hooks``; ``torch.func`` refuses to run
+      under those hooks, so name its functions too).
 
     What is seen is code that runs: reading a module's constant, or a call that
     ``functools.cache`` answers without running the function, goes unseen.
@@ -62,6 +80,7 @@ class _Spotter:
         self.files: dict[str, Shortcut] = {}
         self.folders: list[tuple[str, Shortcut]] = []
         self.names: dict[str, list[Shortcut]] = {}
+        self.backward: Shortcut | None = None
         self.used: list[Shortcut] = []
 
         def add_function(f: Any, s: Shortcut) -> None:
@@ -74,7 +93,9 @@ class _Spotter:
 
         for s in shortcuts:
             for use in s.uses:
-                if isinstance(use, str):
+                if use is BACKWARD_PASS:
+                    self.backward = s
+                elif isinstance(use, str):
                     self.names.setdefault(use, []).append(s)
                 elif isinstance(use, types.ModuleType) and hasattr(use, "__path__"):
                     self.folders += [(os.path.join(p, ""), s) for p in use.__path__]
@@ -115,6 +136,17 @@ class _Spotter:
                 self.note(s)
 
 
+def _backward_watch(spotter: _Spotter) -> Any:
+    """Saved-tensor hooks that tell ``spotter`` when a backward pass unpacks a saved tensor."""
+    from torch.autograd.graph import saved_tensors_hooks
+
+    def unpack(t: Any) -> Any:
+        spotter.note(spotter.backward)
+        return t
+
+    return saved_tensors_hooks(lambda t: t, unpack)
+
+
 def _torch_watch(spotter: _Spotter) -> Any:
     """A TorchFunctionMode that tells ``spotter`` of every torch call, then makes it."""
     from torch.overrides import TorchFunctionMode
@@ -134,7 +166,8 @@ def forbid(*shortcuts: Shortcut) -> Iterator[None]:
 
     Nothing is patched and nothing is refused while the code runs: a profile hook
     (``sys.setprofile``) sees which Python functions start and a ``TorchFunctionMode``
-    sees which torch functions are called. After the block, ``Incorrect(shortcut.message)``
+    sees which torch functions are called (and saved-tensor hooks see a backward pass,
+    when a shortcut uses ``BACKWARD_PASS``). After the block, ``Incorrect(shortcut.message)``
     if one was used, even when the code caught an error or raised itself; otherwise the
     block's own outcome. The previous profile hook and the torch mode stack are restored
     whatever happens. Keep the block to the learner's call: the checker's own code inside
@@ -146,7 +179,10 @@ def forbid(*shortcuts: Shortcut) -> Iterator[None]:
     previous = sys.getprofile()
     watch_code = bool(spotter.codes or spotter.files or spotter.folders)
     try:
-        with _torch_watch(spotter) if spotter.names else nullcontext():
+        with (
+            _torch_watch(spotter) if spotter.names else nullcontext(),
+            _backward_watch(spotter) if spotter.backward else nullcontext(),
+        ):
             if watch_code:
                 sys.setprofile(spotter.profile)
             try:
