@@ -45,6 +45,8 @@ LAYERS = [
     "preference",
     "align",
     "inspect",
+    "circuits",
+    "bias",
     "exercises",
     "config",
     "cli",

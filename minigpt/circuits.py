@@ -1,0 +1,171 @@
+"""A model that has induction heads, trained on purpose to study them.
+
+An induction head completes ``A B ... A`` with ``B``: it looks back for an earlier
+copy of the current token and attends to the token that came after it (Olsson et al.
+2022). It needs two layers: a head in layer 0 copies each position's previous token
+into it, and a head in layer 1 matches "my token" against "your previous token".
+The Shakespeare course model has none (its text rarely pays for exact copying), so
+this module trains a small two-layer GPT on text that does:
+
+- ``repeated_blocks``: rows of a random block of tokens repeated until the row is
+  full, with a period drawn per row. The first copy cannot be predicted; every later
+  token can, by copying, and because the period varies a head cannot just look a
+  fixed distance back.
+- ``train_copying_model`` trains on them and records, every few steps, the loss, the
+  largest induction score of any head and the loss drop on a repeated random
+  sequence (``minigpt.inspect``): the curves on which induction heads appear.
+- ``induction_model`` trains ``INDUCTION`` once and caches it by recipe hash, like
+  the course models (``minigpt.pretrained.cached_model``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import string
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from minigpt.data import cache_dir
+from minigpt.inspect import capture, induction_loss_drop, induction_score, repeated_random_tokens
+from minigpt.model import GPT, GPTConfig
+from minigpt.pretrained import cached_model
+from minigpt.tokenizer import CharTokenizer
+
+__all__ = [
+    "INDUCTION",
+    "copying_tokenizer",
+    "induction_model",
+    "repeated_blocks",
+    "train_copying_model",
+]
+
+# The recipe of ``induction_model``: a two-layer GPT on 32 letters, 32 positions.
+INDUCTION: dict[str, Any] = {
+    "model": {"block_size": 32, "n_layer": 2, "n_head": 4, "n_embd": 64, "dropout": 0.0},
+    "vocab_size": 32,
+    "min_period": 4,
+    "batch_size": 32,
+    "lr": 3e-3,
+    "steps": 2000,
+    "eval_every": 100,
+}
+
+
+def copying_tokenizer(vocab_size: int = 32) -> CharTokenizer:
+    """A ``CharTokenizer`` whose ``vocab_size`` tokens print as letters (a-z, then A-Z)."""
+    letters = string.ascii_lowercase + string.ascii_uppercase
+    if not isinstance(vocab_size, int) or not 2 <= vocab_size <= len(letters):
+        raise ValueError(f"vocab_size must be an integer in 2..{len(letters)}, got {vocab_size!r}")
+    return CharTokenizer(letters[:vocab_size])
+
+
+def repeated_blocks(
+    vocab_size: int,
+    length: int,
+    batch_size: int,
+    *,
+    min_period: int = 4,
+    max_period: int | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Rows of a random block repeated: training data that rewards copying.
+
+    Row b draws a period n_b uniformly in ``min_period..max_period`` (default
+    ``length // 2``, so at least two copies fit), a block of n_b uniform random ids, and
+    repeats it for ``length + 1`` tokens. Returns ``(inputs, targets)``, both
+    (batch_size, length), targets shifted by one as in pretraining; the period of a
+    row is the smallest n with inputs[:, t] == inputs[:, t - n].
+    """
+    for name, value in (("vocab_size", vocab_size), ("length", length), ("batch_size", batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    hi = length // 2 if max_period is None else max_period
+    if not (
+        isinstance(min_period, int) and isinstance(hi, int) and 1 <= min_period <= hi <= length
+    ):
+        raise ValueError(
+            f"need 1 <= min_period <= max_period <= length, got {min_period!r}, {hi!r}, {length}"
+        )
+    periods = torch.randint(min_period, hi + 1, (batch_size,), generator=generator)  # (B,)
+    blocks = torch.randint(0, vocab_size, (batch_size, hi), generator=generator)  # (B, hi)
+    t = torch.arange(length + 1)  # (T + 1,)
+    rows = blocks.gather(1, t[None, :] % periods[:, None])  # (B, T + 1): block[t mod n_b]
+    return rows[:, :-1], rows[:, 1:]
+
+
+@torch.no_grad()
+def _measure(model: GPT, probe: Tensor, seed: int) -> tuple[float, float]:
+    """(largest induction score of any head, induction loss drop) on a repeated sequence."""
+    model.eval()
+    with capture(model) as rec:
+        model(probe)
+    score = float(induction_score(rec.attention_stack(), probe.shape[1] // 2).max())
+    drop = induction_loss_drop(model, seed=seed)
+    model.train()
+    return score, drop
+
+
+def train_copying_model(
+    recipe: dict[str, Any] = INDUCTION, *, steps: int | None = None, seed: int = 0
+) -> tuple[GPT, CharTokenizer, dict[str, Any]]:
+    """Train a GPT of ``recipe`` on ``repeated_blocks``, measuring induction as it learns.
+
+    AdamW at a constant learning rate, gradients clipped at 1, one fresh batch per
+    step (seeded). Returns the model (eval mode), its ``copying_tokenizer`` and a record
+    with lists ``step``, ``loss`` (the training batch's), ``induction_score`` (the
+    largest head's, on 8 repeated random sequences of half the context) and
+    ``loss_drop`` (``induction_loss_drop``), measured every ``eval_every`` steps and at
+    the end, plus ``steps`` and ``seed``.
+    """
+    steps = recipe["steps"] if steps is None else steps
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    V, T = recipe["vocab_size"], recipe["model"]["block_size"]
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=V, **recipe["model"]))
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed + 1)
+    probe = repeated_random_tokens(V, T // 2, batch_size=8, seed=seed + 2)
+    record: dict[str, Any] = {"step": [], "loss": [], "induction_score": [], "loss_drop": []}
+    model.train()
+    for step in range(steps + 1):
+        x, y = repeated_blocks(
+            V, T, recipe["batch_size"], min_period=recipe["min_period"], generator=g
+        )
+        if step % recipe["eval_every"] == 0 or step == steps:
+            with torch.no_grad():
+                loss = float(F.cross_entropy(model(x)[0].transpose(1, 2), y))
+            score, drop = _measure(model, probe, seed + 3)
+            for key, value in zip(record, (step, loss, score, drop)):
+                record[key].append(value)
+        if step == steps:
+            break
+        _, loss_t = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss_t.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    record.update(steps=steps, seed=seed)
+    return model.eval(), copying_tokenizer(V), record
+
+
+def induction_model(
+    cache: str | os.PathLike[str] | None = None, *, steps: int | None = None, seed: int = 0
+) -> tuple[GPT, CharTokenizer, dict[str, Any]]:
+    """The two-layer copying model of ``INDUCTION``: trained once, then loaded.
+
+    Cached under ``<cache>/models/induction-<recipe hash>/`` (``cache`` defaults to
+    ``minigpt.data.cache_dir()``). Returns the model (eval mode, CPU), its tokenizer and
+    the training record of ``train_copying_model``.
+    """
+    steps = INDUCTION["steps"] if steps is None else steps
+    text = json.dumps({**INDUCTION, "steps": steps, "seed": seed}, sort_keys=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    folder = Path(cache or cache_dir()) / "models" / f"induction-{digest}"
+    return cached_model(folder, lambda: train_copying_model(INDUCTION, steps=steps, seed=seed))

@@ -1,0 +1,86 @@
+"""minigpt.circuits: repeated-block data, the copying model's training and its cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minigpt.circuits import (
+    INDUCTION,
+    copying_tokenizer,
+    induction_model,
+    repeated_blocks,
+    train_copying_model,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _period(row: list[int]) -> int:
+    return next(
+        n for n in range(1, len(row)) if all(row[t] == row[t - n] for t in range(n, len(row)))
+    )
+
+
+def test_repeated_blocks_repeat_with_a_period_in_range_and_shift_by_one():
+    g = torch.Generator().manual_seed(0)
+    x, y = repeated_blocks(10, 24, 200, min_period=3, max_period=9, generator=g)
+    assert x.shape == y.shape == (200, 24) and x.dtype == torch.long
+    assert int(x.min()) >= 0 and int(x.max()) < 10
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    periods = [_period(torch.cat([x[b], y[b, -1:]]).tolist()) for b in range(200)]
+    # the smallest period divides the drawn one; a random block rarely has a shorter one
+    assert min(periods) >= 1 and max(periods) <= 9
+    assert sum(3 <= p <= 9 for p in periods) >= 190
+    assert len(set(periods)) >= 5  # the period varies from row to row
+    again = repeated_blocks(
+        10, 24, 200, min_period=3, max_period=9, generator=torch.Generator().manual_seed(0)
+    )
+    assert torch.equal(again[0], x)
+
+
+def test_repeated_blocks_errors():
+    with pytest.raises(ValueError, match="min_period"):
+        repeated_blocks(10, 8, 2, min_period=5)  # default max_period 4
+    with pytest.raises(ValueError, match="vocab_size"):
+        repeated_blocks(0, 8, 2)
+    with pytest.raises(ValueError, match="vocab_size"):
+        copying_tokenizer(60)
+    assert copying_tokenizer(4).decode([0, 1, 2, 3]) == "abcd"
+
+
+TINY = {
+    **INDUCTION,
+    "model": {**INDUCTION["model"], "n_embd": 16, "block_size": 16},
+    "vocab_size": 8,
+}
+TINY.update(steps=30, eval_every=10, batch_size=8)
+
+
+def test_training_records_its_curves_and_lowers_the_loss():
+    model, tok, rec = train_copying_model(TINY, seed=0)
+    assert rec["step"] == [0, 10, 20, 30] and rec["steps"] == 30
+    assert all(len(rec[k]) == 4 for k in ("loss", "induction_score", "loss_drop"))
+    assert rec["loss"][-1] < rec["loss"][0]  # even 30 steps learn the unigram statistics
+    assert all(0.0 <= s <= 1.0 for s in rec["induction_score"])
+    assert not model.training and tok.vocab_size == 8
+    again = train_copying_model(TINY, seed=0)
+    assert again[2]["loss"] == rec["loss"]  # seeded
+    for p, q in zip(model.parameters(), again[0].parameters()):
+        assert torch.equal(p, q)
+
+
+def test_induction_model_is_trained_once_and_loaded(tmp_path, monkeypatch):
+    calls = []
+
+    def fake(recipe, *, steps, seed):
+        calls.append(steps)
+        return train_copying_model(TINY, steps=steps, seed=seed)
+
+    monkeypatch.setattr("minigpt.circuits.train_copying_model", fake)
+    m1, _, r1 = induction_model(tmp_path, steps=5)
+    m2, _, r2 = induction_model(tmp_path, steps=5)
+    assert calls == [5] and r1 == r2
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+    assert len(list((tmp_path / "models").glob("induction-*"))) == 1
