@@ -16,6 +16,8 @@ this module trains a small two-layer GPT on text that does:
   sequence (``minigpt.inspect``): the curves on which induction heads appear.
 - ``induction_model`` trains ``INDUCTION`` once and caches it by recipe hash, like
   the course models (``minigpt.pretrained.cached_model``).
+- ``attention_map``: one head's (T, T) weights on a text, with the tokens to label
+  its axes: what an attention-map widget draws.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from minigpt.data import cache_dir
+from minigpt.generate import Tokenizer
 from minigpt.inspect import capture, induction_loss_drop, induction_score, repeated_random_tokens
 from minigpt.model import GPT, GPTConfig
 from minigpt.pretrained import cached_model
@@ -169,3 +172,30 @@ def induction_model(
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
     folder = Path(cache or cache_dir()) / "models" / f"induction-{digest}"
     return cached_model(folder, lambda: train_copying_model(INDUCTION, steps=steps, seed=seed))
+
+
+@torch.no_grad()
+def attention_map(
+    model: GPT, tokenizer: Tokenizer, text: str, layer: int, head: int
+) -> tuple[Tensor, list[str]]:
+    """Head ``head`` of layer ``layer`` reading ``text``: its (T, T) attention weights
+    (row i: how query i spreads over keys 0..i) and the T decoded tokens, for labels.
+
+    ``text`` is cut to its last ``block_size`` tokens.
+    """
+    if not isinstance(text, str) or not text:
+        raise ValueError("text must be a non-empty string")
+    ids = tokenizer.encode(text)[-model.config.block_size :]
+    if not ids:
+        raise ValueError(f"text {text!r} encodes to no tokens")
+    with capture(model, [layer]) as rec:  # checks the model and the layer
+        if (
+            not isinstance(head, int)
+            or isinstance(head, bool)
+            or not 0 <= head < model.config.n_head
+        ):
+            raise ValueError(
+                f"head {head!r} does not exist: each layer has heads 0..{model.config.n_head - 1}"
+            )
+        model(torch.tensor([ids], device=model.device))
+    return rec.attention[layer][0, head].cpu(), [tokenizer.decode([i]) for i in ids]

@@ -7,6 +7,7 @@ import torch
 
 from minigpt.circuits import (
     INDUCTION,
+    attention_map,
     copying_tokenizer,
     induction_model,
     repeated_blocks,
@@ -84,3 +85,27 @@ def test_induction_model_is_trained_once_and_loaded(tmp_path, monkeypatch):
     for p, q in zip(m1.parameters(), m2.parameters()):
         assert torch.equal(p, q)
     assert len(list((tmp_path / "models").glob("induction-*"))) == 1
+
+
+def test_attention_map_is_the_captured_head_and_checks_its_arguments():
+    from minigpt import GPT, GPTConfig
+    from minigpt.inspect import capture
+    from minigpt.tokenizer import CharTokenizer
+
+    tok = CharTokenizer("abc ")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=4, block_size=8, n_layer=2, n_head=2, n_embd=16)).eval()
+    weights, tokens = attention_map(model, tok, "ab cab cabba", layer=1, head=1)
+    ids = torch.tensor([tok.encode("ab cab cabba")[-8:]])
+    with capture(model) as rec:
+        model(ids)
+    torch.testing.assert_close(weights, rec.attention[1][0, 1])
+    assert tokens == list("cab cabba"[-8:]) and weights.shape == (8, 8)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(8))
+    with pytest.raises(ValueError, match="layer 2 does not exist"):
+        attention_map(model, tok, "abc", layer=2, head=0)
+    with pytest.raises(ValueError, match="head 2 does not exist"):
+        attention_map(model, tok, "abc", layer=0, head=2)
+    with pytest.raises(ValueError, match="non-empty"):
+        attention_map(model, tok, "", layer=0, head=0)
+    assert not any(b._forward_hooks for b in model.h)  # no hook left behind by the error
