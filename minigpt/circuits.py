@@ -7,10 +7,11 @@ into it, and a head in layer 1 matches "my token" against "your previous token".
 The Shakespeare course model has none (its text rarely pays for exact copying), so
 this module trains a small two-layer GPT on text that does:
 
-- ``repeated_blocks``: rows of a random block of tokens repeated until the row is
-  full, with a period drawn per row. The first copy cannot be predicted; every later
-  token can, by copying, and because the period varies a head cannot just look a
-  fixed distance back.
+- ``repeated_blocks``: rows of random tokens in which a random block appears twice
+  in a row, with its length and place drawn per row. Only the second copy can be
+  predicted, by copying; because the length and the place vary, a head cannot find
+  the first copy by looking a fixed distance back or at a fixed position, only by
+  matching content.
 - ``train_copying_model`` trains on them and records, every few steps, the loss, the
   largest induction score of any head and the loss drop on a repeated random
   sequence (``minigpt.inspect``): the curves on which induction heads appear.
@@ -55,7 +56,7 @@ INDUCTION: dict[str, Any] = {
     "min_period": 4,
     "batch_size": 32,
     "lr": 3e-3,
-    "steps": 2000,
+    "steps": 3000,
     "eval_every": 100,
 }
 
@@ -77,28 +78,30 @@ def repeated_blocks(
     max_period: int | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Rows of a random block repeated: training data that rewards copying.
+    """Rows of random ids in which one random block appears twice: data that rewards copying.
 
-    Row b draws a period n_b uniformly in ``min_period..max_period`` (default
-    ``length // 2``, so at least two copies fit), a block of n_b uniform random ids, and
-    repeats it for ``length + 1`` tokens. Returns ``(inputs, targets)``, both
-    (batch_size, length), targets shifted by one as in pretraining; the period of a
-    row is the smallest n with inputs[:, t] == inputs[:, t - n].
+    Row b draws a block length n_b uniformly in ``min_period..max_period`` (default
+    ``length // 2``) and a start s_b uniformly among the places where two copies fit in
+    ``length + 1`` tokens; every id is uniform random except ids s_b + n_b .. s_b + 2n_b - 1,
+    which repeat ids s_b .. s_b + n_b - 1. Because n_b and s_b vary, neither the
+    distance back to the first copy nor its position is fixed: only matching content
+    finds it. Returns ``(inputs, targets)``, both (batch_size, length), targets shifted
+    by one as in pretraining.
     """
     for name, value in (("vocab_size", vocab_size), ("length", length), ("batch_size", batch_size)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     hi = length // 2 if max_period is None else max_period
-    if not (
-        isinstance(min_period, int) and isinstance(hi, int) and 1 <= min_period <= hi <= length
-    ):
-        raise ValueError(
-            f"need 1 <= min_period <= max_period <= length, got {min_period!r}, {hi!r}, {length}"
-        )
-    periods = torch.randint(min_period, hi + 1, (batch_size,), generator=generator)  # (B,)
-    blocks = torch.randint(0, vocab_size, (batch_size, hi), generator=generator)  # (B, hi)
-    t = torch.arange(length + 1)  # (T + 1,)
-    rows = blocks.gather(1, t[None, :] % periods[:, None])  # (B, T + 1): block[t mod n_b]
+    if not (isinstance(min_period, int) and isinstance(hi, int) and 1 <= min_period <= hi):
+        raise ValueError(f"need 1 <= min_period <= max_period, got {min_period!r} and {hi!r}")
+    if 2 * hi > length + 1:
+        raise ValueError(f"max_period {hi} is too long: two copies must fit in {length + 1} ids")
+    n = torch.randint(min_period, hi + 1, (batch_size, 1), generator=generator)  # (B, 1)
+    s = (torch.rand(batch_size, 1, generator=generator) * (length + 2 - 2 * n)).long()  # (B, 1)
+    ids = torch.randint(0, vocab_size, (batch_size, length + 1), generator=generator)
+    t = torch.arange(length + 1)[None, :]  # (1, T + 1)
+    second = (t >= s + n) & (t < s + 2 * n)  # (B, T + 1): the second copy
+    rows = ids.gather(1, torch.where(second, t - n, t))  # second copy reads the first
     return rows[:, :-1], rows[:, 1:]
 
 

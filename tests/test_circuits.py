@@ -17,25 +17,32 @@ from minigpt.circuits import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _period(row: list[int]) -> int:
-    return next(
-        n for n in range(1, len(row)) if all(row[t] == row[t - n] for t in range(n, len(row)))
-    )
+def _copies(row: list[int], lo: int, hi: int) -> list[tuple[int, int]]:
+    """Every (start, n) with lo <= n <= hi where row[start + n : start + 2n] repeats row[start : start + n]."""
+    return [
+        (s, n)
+        for n in range(lo, hi + 1)
+        for s in range(len(row) - 2 * n + 1)
+        if row[s + n : s + 2 * n] == row[s : s + n]
+    ]
 
 
-def test_repeated_blocks_repeat_with_a_period_in_range_and_shift_by_one():
+def test_repeated_blocks_hold_one_copied_block_of_varying_length_and_place():
     g = torch.Generator().manual_seed(0)
-    x, y = repeated_blocks(10, 24, 200, min_period=3, max_period=9, generator=g)
-    assert x.shape == y.shape == (200, 24) and x.dtype == torch.long
-    assert int(x.min()) >= 0 and int(x.max()) < 10
+    x, y = repeated_blocks(1000, 24, 300, min_period=3, max_period=9, generator=g)
+    assert x.shape == y.shape == (300, 24) and x.dtype == torch.long
+    assert int(x.min()) >= 0 and int(x.max()) < 1000
     assert torch.equal(x[:, 1:], y[:, :-1])
-    periods = [_period(torch.cat([x[b], y[b, -1:]]).tolist()) for b in range(200)]
-    # the smallest period divides the drawn one; a random block rarely has a shorter one
-    assert min(periods) >= 1 and max(periods) <= 9
-    assert sum(3 <= p <= 9 for p in periods) >= 190
-    assert len(set(periods)) >= 5  # the period varies from row to row
+    found = [_copies(torch.cat([x[b], y[b, -1:]]).tolist(), 3, 9) for b in range(300)]
+    # with 1000 ids, a chance repeat of 3 or more is rare: each row has its one block
+    assert sum(len(f) == 1 for f in found) >= 295 and all(found)
+    starts = {f[0][0] for f in found}
+    lengths = {f[0][1] for f in found}
+    assert lengths == set(range(3, 10))  # every length occurs
+    assert len(starts) >= 15  # and the block sits anywhere
+    assert max(s + 2 * n for f in found for s, n in f) == 25  # the last copy may end the row
     again = repeated_blocks(
-        10, 24, 200, min_period=3, max_period=9, generator=torch.Generator().manual_seed(0)
+        1000, 24, 300, min_period=3, max_period=9, generator=torch.Generator().manual_seed(0)
     )
     assert torch.equal(again[0], x)
 
@@ -43,6 +50,8 @@ def test_repeated_blocks_repeat_with_a_period_in_range_and_shift_by_one():
 def test_repeated_blocks_errors():
     with pytest.raises(ValueError, match="min_period"):
         repeated_blocks(10, 8, 2, min_period=5)  # default max_period 4
+    with pytest.raises(ValueError, match="two copies must fit"):
+        repeated_blocks(10, 8, 2, max_period=5)
     with pytest.raises(ValueError, match="vocab_size"):
         repeated_blocks(0, 8, 2)
     with pytest.raises(ValueError, match="vocab_size"):
