@@ -8,7 +8,6 @@ import torch
 from minigpt.circuits import (
     INDUCTION,
     attention_map,
-    copying_tokenizer,
     induction_model,
     repeated_blocks,
     train_copying_model,
@@ -27,36 +26,48 @@ def _copies(row: list[int], lo: int, hi: int) -> list[tuple[int, int]]:
     ]
 
 
-def test_repeated_blocks_hold_one_copied_block_of_varying_length_and_place():
+def test_repeated_blocks_are_windows_with_one_copied_block_of_varying_length_and_place():
     g = torch.Generator().manual_seed(0)
-    x, y = repeated_blocks(1000, 24, 300, min_period=3, max_period=9, generator=g)
+    ids = torch.randint(0, 1000, (5000,), generator=g)
+    x, y = repeated_blocks(ids, 24, 300, min_period=3, max_period=9, generator=g)
     assert x.shape == y.shape == (300, 24) and x.dtype == torch.long
-    assert int(x.min()) >= 0 and int(x.max()) < 1000
     assert torch.equal(x[:, 1:], y[:, :-1])
-    found = [_copies(torch.cat([x[b], y[b, -1:]]).tolist(), 3, 9) for b in range(300)]
+    found = []
+    for b in range(300):
+        row = torch.cat([x[b], y[b, -1:]]).tolist()
+        found.append(_copies(row, 3, 9))
+        # outside the second copy the row is a window of ids
+        s, n = found[-1][0]
+        candidates = (ids[: len(ids) - 24] == row[0]).nonzero().flatten().tolist()
+        start = next(i for i in candidates if ids[i : i + s + n].tolist() == row[: s + n])
+        window = ids[start : start + 25].tolist()
+        assert row[: s + n] == window[: s + n] and row[s + 2 * n :] == window[s + 2 * n :]
     # with 1000 ids, a chance repeat of 3 or more is rare: each row has its one block
     assert sum(len(f) == 1 for f in found) >= 295 and all(found)
-    starts = {f[0][0] for f in found}
-    lengths = {f[0][1] for f in found}
-    assert lengths == set(range(3, 10))  # every length occurs
-    assert len(starts) >= 15  # and the block sits anywhere
-    assert max(s + 2 * n for f in found for s, n in f) == 25  # the last copy may end the row
+    assert {f[0][1] for f in found} == set(range(3, 10))  # every length occurs
+    assert len({f[0][0] for f in found}) >= 15  # and the block sits anywhere
+    assert max(s + 2 * n for f in found for s, n in f) == 25  # the copy may end the row
     again = repeated_blocks(
-        1000, 24, 300, min_period=3, max_period=9, generator=torch.Generator().manual_seed(0)
+        ids, 24, 300, min_period=3, max_period=9, generator=torch.Generator().manual_seed(0)
     )
-    assert torch.equal(again[0], x)
+    assert not torch.equal(again[0], x)  # a different generator state...
+    g2 = torch.Generator().manual_seed(0)
+    torch.randint(0, 1000, (5000,), generator=g2)
+    assert torch.equal(
+        repeated_blocks(ids, 24, 300, min_period=3, max_period=9, generator=g2)[0], x
+    )
 
 
 def test_repeated_blocks_errors():
+    ids = torch.arange(10)
     with pytest.raises(ValueError, match="min_period"):
-        repeated_blocks(10, 8, 2, min_period=5)  # default max_period 4
+        repeated_blocks(ids, 8, 2, min_period=5)  # default max_period 4
     with pytest.raises(ValueError, match="two copies must fit"):
-        repeated_blocks(10, 8, 2, max_period=5)
-    with pytest.raises(ValueError, match="vocab_size"):
-        repeated_blocks(0, 8, 2)
-    with pytest.raises(ValueError, match="vocab_size"):
-        copying_tokenizer(60)
-    assert copying_tokenizer(4).decode([0, 1, 2, 3]) == "abcd"
+        repeated_blocks(ids, 8, 2, max_period=5)
+    with pytest.raises(ValueError, match="1-D"):
+        repeated_blocks(ids[None], 8, 2)
+    with pytest.raises(ValueError, match="window needs"):
+        repeated_blocks(ids, 10, 2)
 
 
 TINY = {
@@ -67,20 +78,20 @@ TINY = {
 TINY.update(steps=30, eval_every=10, batch_size=8)
 
 
-def test_training_records_its_curves_and_lowers_the_loss():
+def test_training_records_its_curves_and_lowers_the_loss(data_dir):
     model, tok, rec = train_copying_model(TINY, seed=0)
     assert rec["step"] == [0, 10, 20, 30] and rec["steps"] == 30
     assert all(len(rec[k]) == 4 for k in ("loss", "induction_score", "loss_drop"))
     assert rec["loss"][-1] < rec["loss"][0]  # even 30 steps learn the unigram statistics
     assert all(0.0 <= s <= 1.0 for s in rec["induction_score"])
-    assert not model.training and tok.vocab_size == 8
+    assert not model.training and tok.vocab_size == model.config.vocab_size == 65
     again = train_copying_model(TINY, seed=0)
     assert again[2]["loss"] == rec["loss"]  # seeded
     for p, q in zip(model.parameters(), again[0].parameters()):
         assert torch.equal(p, q)
 
 
-def test_induction_model_is_trained_once_and_loaded(tmp_path, monkeypatch):
+def test_induction_model_is_trained_once_and_loaded(tmp_path, monkeypatch, data_dir):
     calls = []
 
     def fake(recipe, *, steps, seed):
