@@ -48,6 +48,8 @@ LAYERS = [
     "preference",
     "align",
     "inspect",
+    "circuits",
+    "bias",
     "exercises",
     "config",
     "cli",

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minigpt import optim as package_optim
-from minigpt.exercises import ch00, ch02, ch03, ch04, ch05, ch06, ch07, ch10
+from minigpt.exercises import ch00, ch02, ch03, ch04, ch05, ch06, ch07, ch09, ch10
 from minigpt.exercises.core import Incorrect, LearnerError, call
 from minigpt.exercises.shortcuts import BACKWARD_PASS, Shortcut, forbid
 from tests.test_exercises import ALL
@@ -479,6 +479,29 @@ def _sum_of_stack(grads):
     return [total / len(grads) for _ in grads]
 
 
+# ---------------------------------------------------------------- ch09: the package's versions
+
+
+def _package_probe_then_by_hand(features, labels, weight, bias):
+    from minigpt.inspect import linear_probe
+
+    linear_probe(features, labels, max_iter=1)  # a peek at the package's own probe
+    return ch09.q4.reference()(features, labels, weight, bias)
+
+
+def _weat_imported_by_name(X, Y, A, B):
+    from minigpt.bias import weat
+
+    return weat(X, Y, A, B, permutations=5).effect_size
+
+
+def _projection_then_by_hand(X, Y, A, B):
+    from minigpt.bias import projection
+
+    projection(X, A[0])  # any function of minigpt.bias counts
+    return ch09.q5.reference()(X, Y, A, B)
+
+
 # ---------------------------------------------------------------- the tables
 
 
@@ -554,6 +577,14 @@ SHORTCUTS = [
     (ch10.q5, "torch.stack(...).mean", _stack_mean),
     (ch10.q5, "torch.sum of a stack", _sum_of_stack),
     *CH05_BACKPROP_SHORTCUTS,
+    (ch09.q1, "minigpt.inspect.previous_token_score", _wrong(ch09.q1, "calls_the_package")),
+    (ch09.q2, "minigpt.inspect.logit_lens, then by hand", _wrong(ch09.q2, "through_the_package")),
+    (ch09.q3, "minigpt.inspect.patching_map", _wrong(ch09.q3, "calls_the_package")),
+    (ch09.q4, "minigpt.inspect.linear_probe", _wrong(ch09.q4, "fits_a_new_probe")),
+    (ch09.q4, "linear_probe, then by hand", _package_probe_then_by_hand),
+    (ch09.q5, "minigpt.bias.weat", _wrong(ch09.q5, "calls_the_package")),
+    (ch09.q5, "weat imported by name", _weat_imported_by_name),
+    (ch09.q5, "minigpt.bias.projection, then by hand", _projection_then_by_hand),
 ]
 
 # (question, what the answer gets wrong): each must be incorrect
@@ -585,6 +616,8 @@ BOUNDARIES = [
     (ch10.q3, "truncates instead of rounding", _wrong(ch10.q3, "truncates")),
     (ch10.q5, "averages with one neighbour only", _wrong(ch10.q5, "pairwise")),
     *CH05_BACKPROP_BOUNDARIES,
+    (ch09.q1, "divides by T, counting query 0", _wrong(ch09.q1, "counts_query_zero")),
+    (ch09.q5, "population std instead of the sample std", _wrong(ch09.q5, "population_std")),
 ]
 
 _CHAPTER = {id(q): chapter for chapter, q in ALL}

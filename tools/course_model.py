@@ -3,9 +3,10 @@
     python tools/course_model.py
 
 `make test` runs this first: the course model (``minigpt.pretrained``), the
-assistant base model, and the assistant and translator tuned from it
-(``minigpt.assistant``), and chapter 10's scaling sweep and GPT-vs-GRU race
-(``minigpt.scaling``) take a few minutes each to train from an empty cache, and a notebook cell that waited for it would
+assistant base model, the assistant and translator tuned from it
+(``minigpt.assistant``), chapter 09's two-layer copying model (``minigpt.circuits``) and
+chapter 10's scaling sweep and GPT-vs-GRU race (``minigpt.scaling``) take a few minutes
+each to train from an empty cache, and a notebook cell that waited for it would
 run into nbval's cell timeout. It trains with one thread, as the notebook kernels
 do (see conftest.py), so the model is bit for bit the one the stored outputs came
 from. Like conftest.py, it reads the data from ../shared/data beside the checkout
@@ -28,6 +29,7 @@ if "MINIGPT_DATA_DIR" not in os.environ and shared.is_dir():
     os.environ["MINIGPT_DATA_DIR"] = str(shared)
 
 from minigpt.assistant import assistant_model, translator_model  # noqa: E402
+from minigpt.circuits import induction_model  # noqa: E402
 from minigpt.pretrained import (  # noqa: E402
     assistant_base_history,
     assistant_base_model,
@@ -41,9 +43,15 @@ def shakespeare() -> str:
     start = time.perf_counter()
     model, _ = shakespeare_char_model()
     _, val = shakespeare_char_history()
-    return (
+    course = (
         f"course model ready in {time.perf_counter() - start:.0f} s: "
         f"{model.num_parameters():,} parameters, validation loss {val:.3f}"
+    )
+    start = time.perf_counter()
+    _, _, record = induction_model()
+    return course + (
+        f"\ncopying model ready in {time.perf_counter() - start:.0f} s: "
+        f"induction score {record['induction_score'][-1]:.2f}"
     )
 
 
