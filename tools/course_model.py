@@ -3,8 +3,9 @@
     python tools/course_model.py
 
 `make test` runs this first: the course model (``minigpt.pretrained``), the
-assistant base model, and the assistant and translator tuned from it
-(``minigpt.assistant``) take a few minutes each to train from an empty cache, and a notebook cell that waited for it would
+assistant base model, the assistant and translator tuned from it
+(``minigpt.assistant``), and the chat model tuned from the assistant
+(``minigpt.conversations``) take a few minutes each to train from an empty cache, and a notebook cell that waited for it would
 run into nbval's cell timeout. It trains with one thread, as the notebook kernels
 do (see conftest.py), so the model is bit for bit the one the stored outputs came
 from. Like conftest.py, it reads the data from ../shared/data beside the checkout
@@ -27,6 +28,7 @@ if "MINIGPT_DATA_DIR" not in os.environ and shared.is_dir():
     os.environ["MINIGPT_DATA_DIR"] = str(shared)
 
 from minigpt.assistant import assistant_model, translator_model  # noqa: E402
+from minigpt.conversations import chat_model  # noqa: E402
 from minigpt.pretrained import (  # noqa: E402
     assistant_base_history,
     assistant_base_model,
@@ -57,7 +59,8 @@ def main() -> int:
             f"assistant base model ready in {time.perf_counter() - start:.0f} s: "
             f"validation loss {val:.3f}"
         )
-        for name, build in (("assistant", assistant_model), ("translator", translator_model)):
+        builds = (("assistant", assistant_model), ("translator", translator_model))
+        for name, build in (*builds, ("chat", chat_model)):
             start = time.perf_counter()
             _, _, record = build()
             print(
