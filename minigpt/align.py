@@ -183,8 +183,8 @@ def train_dpo(
         raise ValueError(f"nll_weight must be a number >= 0, got {nll_weight!r}")
     cfg = config or FinetuneConfig()
     if ref is None:
-        ref = copy.deepcopy(policy)
-    ref.eval().requires_grad_(False)
+        ref = copy.deepcopy(policy).requires_grad_(False)
+    ref.eval()  # scored under no_grad: a given reference keeps its requires_grad
     block = policy.config.block_size
     rows = []
     for ex in pairs:

@@ -165,6 +165,7 @@ def test_train_dpo_raises_the_chosen_over_the_rejected_and_keeps_the_reference()
     assert history["margin"][0] == pytest.approx(0.0, abs=1e-6)
     assert history["chosen_logp"][0] == pytest.approx(c0, abs=1e-4)
     assert history["loss"][-1] < history["loss"][0] and history["margin"][-1] > 0.05
+    assert all(p.requires_grad for p in ref.parameters())  # the caller's model is left as it was
     for k, v in ref.state_dict().items():  # the reference did not move
         torch.testing.assert_close(v, ref_weights[k])
 

@@ -44,6 +44,7 @@ LAYERS = [
     "conversations",
     "preference",
     "align",
+    "aligned",
     "inspect",
     "exercises",
     "config",
