@@ -96,9 +96,7 @@ def main() -> int:
             f"(reward model's pair accuracy {run['rm']:.1%})"
         )
     ok = rlhf["up"] and rlhf["kl"] <= KL_BOUND
-    print(
-        f"align: rlhf reward up with kl {rlhf['kl']:.2f} <= {KL_BOUND:.0f} nats: {verdict(ok)}"
-    )
+    print(f"align: rlhf reward up with kl {rlhf['kl']:.2f} <= {KL_BOUND:.0f} nats: {verdict(ok)}")
     shows = loose["kl"] > rlhf["kl"] and loose["accuracy"] < rlhf["accuracy"]
     print(
         f"align: rlhf without kl drifts further (kl {loose['kl']:.2f} vs {rlhf['kl']:.2f}) and "
