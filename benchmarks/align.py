@@ -12,7 +12,8 @@ and numbers never trained on):
 - RLVR: held-out task accuracy at least 5 points above the SFT model's;
 - RLHF: the mean reward of the last steps above the first steps' with the KL to the
   SFT model bounded (goal: at most 5 nats per response), and the run without the KL
-  penalty: its KL and accuracy, printed to show what the policy does unleashed;
+  penalty showing the hacking (goal: at least twice the KL and more than 2 points of
+  task accuracy lost against the run with the penalty);
 - each training run at most 180 s.
 
 The runs are the cached ones of ``minigpt.aligned.aligned_model`` and
@@ -97,10 +98,12 @@ def main() -> int:
         )
     ok = rlhf["up"] and rlhf["kl"] <= KL_BOUND
     print(f"align: rlhf reward up with kl {rlhf['kl']:.2f} <= {KL_BOUND:.0f} nats: {verdict(ok)}")
-    shows = loose["kl"] > rlhf["kl"] and loose["accuracy"] < rlhf["accuracy"]
+    # hacking: the unleashed policy drifts at least twice as far and loses accuracy
+    shows = loose["kl"] >= 2 * rlhf["kl"] and loose["accuracy"] < rlhf["accuracy"] - 0.02
     print(
-        f"align: rlhf without kl drifts further (kl {loose['kl']:.2f} vs {rlhf['kl']:.2f}) and "
-        f"loses accuracy ({loose['accuracy']:.1%} vs {rlhf['accuracy']:.1%}): {verdict(shows)}"
+        f"align: rlhf without kl drifts further (kl {loose['kl']:.2f} vs {rlhf['kl']:.2f}, "
+        f"goal >= 2x) and loses accuracy ({loose['accuracy']:.1%} vs {rlhf['accuracy']:.1%}, "
+        f"goal > 2 points): {verdict(shows)}"
     )
     for name, seconds in times.items():
         print(

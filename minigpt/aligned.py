@@ -99,7 +99,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "rlhf": {
         "tasks": {"n_per_family": 40, "seed": 0, "kind": "correct"},
         "reward": {"max_steps": 80, "batch_size": 8, "lr": 3e-4, "warmup_steps": 5, "seed": 0},
-        "rl": {**_RL, "max_steps": 30, "lr": 5e-4, "kl_coef": 0.1},
+        "rl": {**_RL, "max_steps": 40, "lr": 1e-3, "kl_coef": 0.2},
     },
     "rlhf_no_kl": {"base": "rlhf", "rl": {"kl_coef": 0.0}},
 }
