@@ -78,9 +78,10 @@ __all__ = [
 _RL = {"batch_size": 4, "group_size": 8, "max_new_tokens": 24, "seed": 0}
 RECIPES: dict[str, dict[str, Any]] = {
     # the real preference data: a fifth of the instructions held out
+    # (lr 3e-4: 62% after 150 steps; 1e-3: 71% after 150, 76% after 400; 3e-3: 66% after 150)
     "reward": {
         "split": {"test_fraction": 0.2, "seed": 0},
-        "finetune": {"max_steps": 150, "batch_size": 8, "lr": 3e-4, "warmup_steps": 10, "seed": 0},
+        "finetune": {"max_steps": 300, "batch_size": 8, "lr": 1e-3, "warmup_steps": 10, "seed": 0},
     },
     # polite over rude task pairs from the training split; plain DPO, a light touch
     # (an NLL term on the chosen, harder and longer runs made the answers polite and wrong)
