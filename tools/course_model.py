@@ -4,8 +4,9 @@
 
 `make test` runs this first: the course model (``minigpt.pretrained``), the
 assistant base model, the assistant and translator tuned from it
-(``minigpt.assistant``), and the chat model tuned from the assistant
-(``minigpt.conversations``) take a few minutes each to train from an empty cache, and a notebook cell that waited for it would
+(``minigpt.assistant``), the chat model tuned from the assistant
+(``minigpt.conversations``), and chapter 08's reward model, DPO, RLVR and RLHF runs
+(``minigpt.aligned``) take a few minutes each to train from an empty cache, and a notebook cell that waited for it would
 run into nbval's cell timeout. It trains with one thread, as the notebook kernels
 do (see conftest.py), so the model is bit for bit the one the stored outputs came
 from. Like conftest.py, it reads the data from ../shared/data beside the checkout
@@ -18,6 +19,7 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -27,6 +29,7 @@ shared = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if "MINIGPT_DATA_DIR" not in os.environ and shared.is_dir():
     os.environ["MINIGPT_DATA_DIR"] = str(shared)
 
+from minigpt.aligned import aligned_model, course_reward_model  # noqa: E402
 from minigpt.assistant import assistant_model, translator_model  # noqa: E402
 from minigpt.conversations import chat_model  # noqa: E402
 from minigpt.pretrained import (  # noqa: E402
@@ -60,7 +63,11 @@ def main() -> int:
             f"validation loss {val:.3f}"
         )
         builds = (("assistant", assistant_model), ("translator", translator_model))
-        for name, build in (*builds, ("chat", chat_model)):
+        builds += (("chat", chat_model), ("reward model", course_reward_model))
+        builds += tuple(
+            (run, partial(aligned_model, run)) for run in ("dpo", "rlvr", "rlhf", "rlhf_no_kl")
+        )
+        for name, build in builds:
             start = time.perf_counter()
             _, _, record = build()
             print(
