@@ -10,8 +10,8 @@ course template:
   subtract each group's mean (``group_advantages``), and raise the log-probability of
   the better-than-average responses, with a KL penalty to the reference
   (``policy_gradient_step``, ``kl_estimate``); ``rl_loop`` ties them together.
-- DPO (``dpo_loss``): the same KL-regularised objective solved in closed form and
-  fit to preference pairs directly, with no reward model and no sampling.
+- DPO (``dpo_loss``, ``train_dpo``): the same KL-regularised objective solved in
+  closed form and fit to preference pairs directly, with no reward model and no sampling.
 
 Both score responses by ``sequence_logprobs``: log p(response | prompt), the sum of
 the response tokens' log-probabilities.
