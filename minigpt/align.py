@@ -10,8 +10,8 @@ course template:
   subtract each group's mean (``group_advantages``), and raise the log-probability of
   the better-than-average responses, with a KL penalty to the reference
   (``policy_gradient_step``, ``kl_estimate``); ``rl_loop`` ties them together.
-- DPO (``dpo_loss``): the same KL-regularised objective solved in closed form and
-  fit to preference pairs directly, with no reward model and no sampling.
+- DPO (``dpo_loss``, ``train_dpo``): the same KL-regularised objective solved in
+  closed form and fit to preference pairs directly, with no reward model and no sampling.
 
 Both score responses by ``sequence_logprobs``: log p(response | prompt), the sum of
 the response tokens' log-probabilities.
@@ -33,11 +33,12 @@ from torch import Tensor
 from minigpt.assistant import task_prompt
 from minigpt.classify import IGNORE_INDEX
 from minigpt.files import check_bool, check_int, check_number
-from minigpt.finetune import History
+from minigpt.finetune import FinetuneConfig, History, fit
 from minigpt.generate import Tokenizer, generate, same_length_rows
 from minigpt.instruct import InstructionCollator
 from minigpt.model import GPT
 from minigpt.optim import OptimConfig, clip_grad_norm, configure_optimizer, set_lr
+from minigpt.preference import PreferenceExample
 from minigpt.tasks import TaskExample, check
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "sample_responses",
     "sequence_logprobs",
     "task_reward",
+    "train_dpo",
 ]
 
 # ---------------------------------------------------------------- log-probabilities
@@ -147,6 +149,72 @@ def dpo_loss(
     rejected = beta * (policy_rejected_logps - ref_rejected_logps)
     loss = -F.logsigmoid(chosen - rejected).mean()
     return loss, chosen.detach(), rejected.detach()
+
+
+def train_dpo(
+    policy: GPT,
+    tokenizer: Tokenizer,
+    pairs: Sequence[PreferenceExample],
+    config: FinetuneConfig | None = None,
+    beta: float = 0.1,
+    ref: GPT | None = None,
+    nll_weight: float = 0.0,
+    stop: str = "\n",
+) -> History:
+    """Tune ``policy`` on preference pairs with ``dpo_loss``: no reward model, no sampling.
+
+    Each pair scores ``ex.prompt()`` followed by ``ex.chosen + stop`` and by
+    ``ex.rejected + stop`` (the assistant ends a response with its stop text) under
+    the policy and under ``ref``, which defaults to a frozen copy of ``policy`` as it
+    starts (the SFT model) and is not changed. The course's one fine-tuning loop
+    (``minigpt.finetune.fit``) runs the steps; pairs that do not fit the context are
+    left out. ``nll_weight`` > 0 adds that times the chosen responses' mean negative
+    log-likelihood per token (RPO, Pang et al. 2024): DPO only ranks the pair, and a
+    chosen response far below what the model writes can win the ranking without
+    becoming likely. Returns ``fit``'s history plus, per step, the batch means of
+    ``margin`` (chosen minus rejected implicit reward), ``chosen_logp`` and
+    ``rejected_logp`` (the policy's ``sequence_logprobs``).
+    """
+    if not pairs:
+        raise ValueError("no preference pairs: make some with minigpt.preference.task_preferences")
+    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not beta > 0:
+        raise ValueError(f"beta must be a number > 0, got {beta!r}")
+    if not isinstance(nll_weight, (int, float)) or not nll_weight >= 0:
+        raise ValueError(f"nll_weight must be a number >= 0, got {nll_weight!r}")
+    cfg = config or FinetuneConfig()
+    if ref is None:
+        ref = copy.deepcopy(policy).requires_grad_(False)
+    ref.eval()  # scored under no_grad: a given reference keeps its requires_grad
+    block = policy.config.block_size
+    rows = []
+    for ex in pairs:
+        p = tokenizer.encode(ex.prompt())
+        c, r = tokenizer.encode(ex.chosen + stop), tokenizer.encode(ex.rejected + stop)
+        if p and len(p) + max(len(c), len(r)) - 1 <= block:
+            rows.append((p, c, r))
+    if not rows:
+        raise ValueError(f"no pair fits the model's context (block_size={block})")
+    extra: dict[str, list[float]] = {"margin": [], "chosen_logp": [], "rejected_logp": []}
+
+    def loss_fn(batch: list[tuple[list[int], list[int], list[int]]]) -> Tensor:
+        prompts = [p for p, _, _ in batch] * 2
+        responses = [c for _, c, _ in batch] + [r for _, _, r in batch]
+        logps = sequence_logprobs(policy, prompts, responses)  # (2B,): chosen, then rejected
+        with torch.no_grad():
+            ref_logps = sequence_logprobs(ref, prompts, responses)
+        chosen, rejected = logps.chunk(2)
+        loss, r_chosen, r_rejected = dpo_loss(chosen, rejected, *ref_logps.chunk(2), beta)
+        if nll_weight:
+            n_tokens = torch.tensor([len(c) for _, c, _ in batch], device=chosen.device)
+            loss = loss - nll_weight * (chosen / n_tokens).mean()
+        extra["margin"].append((r_chosen - r_rejected).mean().item())
+        extra["chosen_logp"].append(chosen.mean().item())
+        extra["rejected_logp"].append(rejected.mean().item())
+        return loss
+
+    lengths = [len(p) + max(len(c), len(r)) for p, c, r in rows]
+    history = fit(policy, loss_fn, rows, cfg, lengths=lengths)
+    return {**history, **extra}
 
 
 # ---------------------------------------------------------------- policy gradient

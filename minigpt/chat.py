@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -60,6 +60,7 @@ __all__ = [
     "Message",
     "add_chat_tokens",
     "chat",
+    "chat_turn",
     "check_conversation",
     "encode_chat",
     "fit_context",
@@ -436,6 +437,24 @@ class ChatSession:
     def reset(self) -> None:
         """Forget the conversation (the system message stays)."""
         self._history.clear()
+
+
+def chat_turn(session: ChatSession, text: str, show: Callable[[str], None] | None = None) -> str:
+    """One turn of a chat widget (its callback, testable without a browser).
+
+    ``"/reset"`` forgets the history and returns ""; any other ``text`` is sent to
+    ``session`` and its reply streamed: ``show(reply so far)`` after each piece (a
+    widget redraws its output box). Returns the whole reply, which joins the history.
+    """
+    if text.strip() == "/reset":
+        session.reset()
+        return ""
+    reply = ""
+    for piece in session.send(text):
+        reply += piece
+        if show is not None:
+            show(reply)
+    return reply
 
 
 def run_repl(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:

@@ -16,30 +16,46 @@ a held-out task (``make_tasks``), so its words and numbers never occur in traini
 ``ChatCollator`` pads conversations encoded by ``minigpt.chat.encode_chat`` into a
 batch whose targets are masked (-100) outside the assistant's turns, and
 ``train_chat`` fine-tunes a model on conversations with it (``minigpt.finetune.fit``).
+``conversation_accuracy`` scores a model's replies turn by turn, and ``chat_model()``
+is the course's chat model: the assistant (``minigpt.assistant.assistant_model``)
+given the chat markers and tuned on conversations with ``CHAT``, cached by recipe hash.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from torch import Tensor
 
-from minigpt.chat import ChatTemplate, Message, encode_chat
+from minigpt.assistant import ASSISTANT, assistant_model
+from minigpt.chat import ChatTemplate, Message, add_chat_tokens, chat, encode_chat
 from minigpt.classify import IGNORE_INDEX
+from minigpt.data import cache_dir
 from minigpt.finetune import FinetuneConfig, History, fit
 from minigpt.instruct import instruction_loss, pad_rows
 from minigpt.model import GPT
-from minigpt.tasks import TaskExample, make_tasks, number_in_words
+from minigpt.pretrained import cached_model
+from minigpt.tasks import TaskExample, check, make_tasks, number_in_words
+from minigpt.tokenizer import CharTokenizer
 
 __all__ = [
+    "CHAT",
     "FIRST_TURNS",
     "FOLLOW_UPS",
     "FOLLOW_UP_FAMILIES",
     "ChatCollator",
     "Conversation",
+    "chat_model",
+    "conversation_accuracy",
     "multi_turn_conversations",
     "train_chat",
 ]
@@ -222,3 +238,84 @@ def train_chat(
 
     lengths = [len(ids) for ids, _ in encoded] if cfg.bucket_by_length else None
     return fit(model, loss_fn, encoded, cfg, lengths=lengths)
+
+
+def conversation_accuracy(
+    model: GPT,
+    template: ChatTemplate,
+    conversations: Sequence[Conversation],
+    max_new_tokens: int = 40,
+) -> list[float]:
+    """The fraction of right greedy replies (``minigpt.tasks.check``) at each turn.
+
+    Turn k is asked with the earlier turns answered rightly (``Conversation.prompt``),
+    so a later turn measures the follow-up alone, not earlier mistakes. Returns one
+    accuracy per turn of the longest conversation, over the conversations that have it.
+    """
+    if not conversations:
+        raise ValueError("no conversations to score: make some with multi_turn_conversations")
+    right: list[list[bool]] = [[] for _ in range(max(len(c.turns) for c in conversations))]
+    for conv in conversations:
+        for k, turn in enumerate(conv.turns):
+            reply = chat(model, template, conv.prompt(k), max_new_tokens)
+            right[k].append(check(turn, reply))
+    return [sum(r) / len(r) for r in right]
+
+
+# ---------------------------------------------------------------- the course's chat model
+
+# The assistant tuned on two- and three-turn task conversations (half each), about
+# two CPU minutes of steps; a small learning rate keeps what the assistant knew.
+CHAT: dict[str, Any] = {
+    "conversations": {"n": 1500, "turns": [2, 3], "seed": 0},
+    "finetune": {"batch_size": 16, "lr": 1e-3, "warmup_steps": 20, "max_steps": 500, "seed": 0},
+}
+
+
+def _chat_data(recipe: dict[str, Any]) -> list[list[Message]]:
+    c = recipe["conversations"]
+    out: list[list[Message]] = []
+    for turns in c["turns"]:
+        out += [
+            conv.messages() for conv in multi_turn_conversations("train", c["n"], c["seed"], turns)
+        ]
+    random.Random(c["seed"]).shuffle(out)
+    return out
+
+
+def chat_model(
+    cache: str | os.PathLike[str] | None = None,
+) -> tuple[GPT, ChatTemplate, dict[str, Any]]:
+    """The course's chat model, trained once and cached like ``assistant_model``.
+
+    ``assistant_model`` gets the chat markers (``add_chat_tokens``) and is tuned with
+    ``train_chat`` on the ``CHAT`` recipe's training conversations; the folder
+    ``<cache>/models/chat-<hash>/`` is named by a hash of the recipe, the
+    conversations and the assistant's recipe. Returns the model (eval mode, CPU), its
+    ``ChatTemplate``, and ``{"history": {"step", "loss"}, "seconds": training time}``.
+    """
+    conversations = _chat_data(CHAT)
+    text = json.dumps(
+        {
+            "recipe": CHAT,
+            "assistant": ASSISTANT,
+            "train": [[(m.role, m.content) for m in c] for c in conversations],
+        },
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    folder = Path(cache or cache_dir()) / "models" / f"chat-{digest}"
+
+    def build() -> tuple[GPT, CharTokenizer, dict[str, Any]]:
+        model, tokenizer, _ = assistant_model(cache)
+        template = add_chat_tokens(model, tokenizer)
+        start = time.perf_counter()
+        history = train_chat(model, template, conversations, FinetuneConfig(**CHAT["finetune"]))
+        return (
+            model,
+            template.tokenizer,
+            {"history": history, "seconds": time.perf_counter() - start},
+        )
+
+    model, tokenizer, record = cached_model(folder, build)
+    return model, ChatTemplate(tokenizer), record

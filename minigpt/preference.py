@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import os
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +48,10 @@ __all__ = [
     "bag_of_words_rewards",
     "bradley_terry_loss",
     "fit_bag_of_words",
+    "is_polite",
     "load_preferences",
     "pairwise_accuracy",
+    "response_style",
     "reward_accuracy",
     "split_by_instruction",
     "task_preferences",
@@ -94,7 +97,7 @@ def load_preferences(path: str | os.PathLike[str] | None = None) -> list[Prefere
     return [PreferenceExample(**r) for _, r in read_string_records(file, keys, _OPTIONAL)]
 
 
-PREFERENCE_KINDS = ("correct", "polite")
+PREFERENCE_KINDS = ("correct", "polite", "polite_plain")
 
 
 def task_preferences(
@@ -106,7 +109,9 @@ def task_preferences(
     (``tasks.wrong_answer`` with ``seed``), both in one style drawn per example from
     ``STYLES``, so only the answer tells them apart. ``kind="polite"``: the right
     answer in the ``"polite"`` style over the same answer in the curt ``"rude"`` one,
-    so only the manner does. ``output`` is the plain right answer.
+    so only the manner does; ``kind="polite_plain"``: the polite answer over the
+    ``"plain"`` bare answer the course's assistant writes (what it must unlearn to
+    answer politely). ``output`` is the plain right answer.
     """
     if kind not in PREFERENCE_KINDS:
         raise ValueError(f"kind must be one of {PREFERENCE_KINDS}, got {kind!r}")
@@ -120,9 +125,36 @@ def task_preferences(
             chosen = write_response(ex, style)
             rejected = write_response(ex, style, correct=False, seed=seed)
         else:
-            chosen, rejected = write_response(ex, "polite"), write_response(ex, "rude")
+            worse = "rude" if kind == "polite" else "plain"
+            chosen, rejected = write_response(ex, "polite"), write_response(ex, worse)
         out.append(PreferenceExample(ex.instruction, "", write_response(ex), chosen, rejected))
     return out
+
+
+def _style_pattern(template: str) -> re.Pattern[str]:
+    before, after = template.split("{answer}")
+    return re.compile(f"{re.escape(before)}(.+){re.escape(after)}", re.DOTALL)
+
+
+_STYLE_PATTERNS = {name: _style_pattern(t) for name, t in STYLES.items() if name != "plain"}
+
+
+def response_style(response: str) -> str:
+    """The ``STYLES`` key a response is written in, whatever its answer: ``"polite"``
+    ("Happy to help! The answer is: ...") or ``"rude"`` ("Obviously ... Figure it out
+    yourself next time.") when it is the whole template around a non-empty answer,
+    else ``"plain"``. The style detector behind the preferred-style rate."""
+    if not isinstance(response, str):
+        raise TypeError(f"response must be a string, got {type(response).__name__}")
+    for name, pattern in _STYLE_PATTERNS.items():
+        if pattern.fullmatch(response):
+            return name
+    return "plain"
+
+
+def is_polite(response: str) -> bool:
+    """True when ``response`` is in the polite style (``response_style``)."""
+    return response_style(response) == "polite"
 
 
 def split_by_instruction(

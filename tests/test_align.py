@@ -22,7 +22,10 @@ from minigpt.align import (
     sample_responses,
     sequence_logprobs,
     task_reward,
+    train_dpo,
 )
+from minigpt.finetune import FinetuneConfig
+from minigpt.preference import PreferenceExample
 from minigpt.tasks import TaskExample, write_response
 
 TOKENIZER = CharTokenizer("abcdx\n")  # a: 0, b: 1, c: 2, d: 3, x: 4, newline: 5
@@ -128,6 +131,66 @@ def test_dpo_loss_rejects_bad_arguments():
         dpo_loss(*[torch.zeros(0)] * 4)
     with pytest.raises(TypeError, match="tensors"):
         dpo_loss(x, x, x, [0.0, 0.0, 0.0])
+
+
+PAIRS = [
+    PreferenceExample("Say yes.", "", "yes", "yes", "no"),
+    PreferenceExample("Say it.", "", "yes", "yes", "nope"),
+]
+PROMPT_TOKENIZER = CharTokenizer(sorted(set("".join(p.prompt() for p in PAIRS) + "yesnop\n")))
+
+
+def _margin(policy: GPT, pairs=PAIRS) -> tuple[float, float]:
+    """Mean log p(chosen) and log p(rejected) over the pairs, with the stop newline."""
+    enc = PROMPT_TOKENIZER.encode
+    prompts = [enc(p.prompt()) for p in pairs]
+    with torch.no_grad():
+        c = sequence_logprobs(policy, prompts, [enc(p.chosen + "\n") for p in pairs])
+        r = sequence_logprobs(policy, prompts, [enc(p.rejected + "\n") for p in pairs])
+    return c.mean().item(), r.mean().item()
+
+
+def test_train_dpo_raises_the_chosen_over_the_rejected_and_keeps_the_reference():
+    policy = tiny_gpt(vocab_size=PROMPT_TOKENIZER.vocab_size)
+    ref = copy.deepcopy(policy)
+    ref_weights = copy.deepcopy(ref.state_dict())
+    c0, r0 = _margin(policy)
+    cfg = FinetuneConfig(max_steps=15, batch_size=2, lr=3e-3, warmup_steps=0)
+    history = train_dpo(policy, PROMPT_TOKENIZER, PAIRS, cfg, beta=0.1, ref=ref)
+    c1, r1 = _margin(policy)
+    assert (c1 - r1) > (c0 - r0) + 1.0
+    assert set(history) >= {"step", "loss", "margin", "chosen_logp", "rejected_logp"}
+    assert len(history["margin"]) == len(history["loss"]) == 15
+    assert history["loss"][0] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference
+    assert history["margin"][0] == pytest.approx(0.0, abs=1e-6)
+    assert history["chosen_logp"][0] == pytest.approx(c0, abs=1e-4)
+    assert history["loss"][-1] < history["loss"][0] and history["margin"][-1] > 0.05
+    assert all(p.requires_grad for p in ref.parameters())  # the caller's model is left as it was
+    for k, v in ref.state_dict().items():  # the reference did not move
+        torch.testing.assert_close(v, ref_weights[k])
+
+
+def test_train_dpo_with_nll_makes_the_chosen_likely_itself():
+    cfg = FinetuneConfig(max_steps=15, batch_size=2, lr=3e-3, warmup_steps=0)
+    chosen = []
+    for weight in (0.0, 3.0):
+        policy = tiny_gpt(vocab_size=PROMPT_TOKENIZER.vocab_size)
+        train_dpo(policy, PROMPT_TOKENIZER, PAIRS, cfg, beta=0.1, nll_weight=weight)
+        chosen.append(_margin(policy)[0])
+    assert chosen[1] > chosen[0] + 0.5
+
+
+def test_train_dpo_rejects_bad_arguments():
+    policy = tiny_gpt(vocab_size=PROMPT_TOKENIZER.vocab_size)
+    with pytest.raises(ValueError, match="no preference pairs"):
+        train_dpo(policy, PROMPT_TOKENIZER, [])
+    with pytest.raises(ValueError, match="beta must be a number > 0"):
+        train_dpo(policy, PROMPT_TOKENIZER, PAIRS, beta=0)
+    with pytest.raises(ValueError, match="nll_weight must be a number >= 0"):
+        train_dpo(policy, PROMPT_TOKENIZER, PAIRS, nll_weight=-1)
+    long = [PreferenceExample("y" * 80, "", "", "yes", "no")]
+    with pytest.raises(ValueError, match="no pair fits the model's context"):
+        train_dpo(policy, PROMPT_TOKENIZER, long)
 
 
 # ---------------------------------------------------------------- advantages and KL

@@ -47,6 +47,7 @@ LAYERS = [
     "conversations",
     "preference",
     "align",
+    "aligned",
     "inspect",
     "circuits",
     "bias",

@@ -22,6 +22,7 @@ from minigpt.chat import (
     Message,
     add_chat_tokens,
     chat,
+    chat_turn,
     check_conversation,
     encode_chat,
     fit_context,
@@ -368,3 +369,30 @@ def test_minigpt_chat_refuses_a_model_without_markers(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("minigpt: error: ") and "no chat markers" in err
     assert "tokenizer.json" in err and err.count("\n") == 1
+
+
+def test_chat_turn_streams_the_reply_and_keeps_the_history(trained):
+    model, template = trained
+    session = ChatSession(model, template, system="Be brief.", max_new_tokens=16)
+    shown: list[str] = []
+    reply = chat_turn(session, "hi", shown.append)
+    assert reply == chat(model, template, [SYSTEM, Message("user", "hi")], 16) == "HELLO"
+    assert shown and shown[-1] == reply and all(reply.startswith(s) for s in shown)
+    assert len(shown) == len(set(shown))  # one redraw per new piece
+    assert session.history == [Message("user", "hi"), Message("assistant", "HELLO")]
+    assert chat_turn(session, "again") == "AGAIN"  # the second turn sees the first
+    assert chat_turn(session, "/reset") == "" and session.history == []
+
+
+def test_conversation_accuracy_scores_each_turn_given_the_right_history(trained):
+    from minigpt.conversations import Conversation, conversation_accuracy
+    from minigpt.tasks import TaskExample
+
+    model, template = trained
+    hi = TaskExample("uppercase", "hi", "HELLO", ())
+    right = Conversation((hi, TaskExample("upper", "again", "AGAIN", ())), "Be brief.")
+    wrong = Conversation((hi, TaskExample("upper", "again", "ONCE", ())), "Be brief.")
+    assert conversation_accuracy(model, template, [right], 16) == [1.0, 1.0]
+    assert conversation_accuracy(model, template, [right, wrong], 16) == [1.0, 0.5]
+    with pytest.raises(ValueError, match="no conversations"):
+        conversation_accuracy(model, template, [])

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minigpt import optim as package_optim
-from minigpt.exercises import ch00, ch02, ch03, ch04, ch05, ch06, ch07, ch09, ch10
+from minigpt.exercises import ch00, ch02, ch03, ch04, ch05, ch06, ch07, ch08, ch09, ch10
 from minigpt.exercises.core import Incorrect, LearnerError, call
 from minigpt.exercises.shortcuts import BACKWARD_PASS, Shortcut, forbid
 from tests.test_exercises import ALL
@@ -502,6 +502,50 @@ def _projection_then_by_hand(X, Y, A, B):
     return ch09.q5.reference()(X, Y, A, B)
 
 
+# ---------------------------------------------------------------- ch08: the package's alignment pieces
+
+
+def _package_bradley_terry(r_chosen, r_rejected):
+    from minigpt.preference import bradley_terry_loss
+
+    return bradley_terry_loss(r_chosen, r_rejected)
+
+
+def _package_dpo(pc, pr, rc, rr, beta):
+    from minigpt.align import dpo_loss
+
+    return dpo_loss(pc, pr, rc, rr, beta)[0]
+
+
+def _package_mask(turns):
+    from minigpt.chat import ChatTemplate, Message, encode_chat
+    from minigpt.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer(["x", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"])
+    messages = [Message(role, "x" * len(content)) for role, content in turns]
+    return encode_chat(ChatTemplate(tokenizer), messages)[1]
+
+
+def _package_kl(logp_policy, logp_ref):
+    from minigpt.align import kl_estimate
+
+    return kl_estimate(logp_policy, logp_ref, "k3")
+
+
+def _package_kl_then_by_hand(logp_policy, logp_ref):
+    from minigpt.align import kl_estimate
+
+    kl_estimate(logp_policy, logp_ref)  # only looks, then computes it
+    log_r = logp_ref - logp_policy
+    return torch.exp(log_r) - 1 - log_r
+
+
+def _package_advantages(rewards, eps=1e-6):
+    from minigpt.align import group_advantages
+
+    return group_advantages(rewards, eps=eps)
+
+
 # ---------------------------------------------------------------- the tables
 
 
@@ -585,6 +629,12 @@ SHORTCUTS = [
     (ch09.q5, "minigpt.bias.weat", _wrong(ch09.q5, "calls_the_package")),
     (ch09.q5, "weat imported by name", _weat_imported_by_name),
     (ch09.q5, "minigpt.bias.projection, then by hand", _projection_then_by_hand),
+    (ch08.q1, "minigpt.preference.bradley_terry_loss", _package_bradley_terry),
+    (ch08.q2, "minigpt.align.dpo_loss", _package_dpo),
+    (ch08.q3, "minigpt.chat.encode_chat", _package_mask),
+    (ch08.q4, "minigpt.align.kl_estimate", _package_kl),
+    (ch08.q4, "kl_estimate, then by hand", _package_kl_then_by_hand),
+    (ch08.q5, "minigpt.align.group_advantages", _package_advantages),
 ]
 
 # (question, what the answer gets wrong): each must be incorrect
@@ -618,6 +668,10 @@ BOUNDARIES = [
     *CH05_BACKPROP_BOUNDARIES,
     (ch09.q1, "divides by T, counting query 0", _wrong(ch09.q1, "counts_query_zero")),
     (ch09.q5, "population std instead of the sample std", _wrong(ch09.q5, "population_std")),
+    (ch08.q1, "log(sigmoid(x)): inf for a margin of -1000", _wrong(ch08.q1, "unstable")),
+    (ch08.q3, "leaves the assistant's end marker out", _wrong(ch08.q3, "without_end")),
+    (ch08.q5, "std with Bessel's correction", _wrong(ch08.q5, "sample_std")),
+    (ch08.q5, "no eps: nan for a group of equal rewards", _wrong(ch08.q5, "no_eps")),
 ]
 
 _CHAPTER = {id(q): chapter for chapter, q in ALL}

@@ -19,8 +19,10 @@ from minigpt.preference import (
     bag_of_words_rewards,
     bradley_terry_loss,
     fit_bag_of_words,
+    is_polite,
     load_preferences,
     pairwise_accuracy,
+    response_style,
     reward_accuracy,
     split_by_instruction,
     task_preferences,
@@ -115,6 +117,27 @@ def test_task_pairs_polite_over_rude_both_right():
         assert pair.chosen == STYLES["polite"].format(answer=ex.answer)
         assert pair.rejected == STYLES["rude"].format(answer=ex.answer)
         assert check(ex, pair.chosen) and check(ex, pair.rejected)
+
+
+def test_task_pairs_polite_over_plain():
+    for ex, pair in zip(TASKS, task_preferences(TASKS, kind="polite_plain"), strict=True):
+        assert pair.chosen == STYLES["polite"].format(answer=ex.answer)
+        assert pair.rejected == ex.answer
+
+
+def test_response_style_reads_the_template_around_any_answer():
+    for ex in TASKS:
+        for style, template in STYLES.items():
+            assert response_style(template.format(answer=ex.answer)) == style
+            assert response_style(template.format(answer="a wrong one")) == style
+    assert is_polite("Happy to help! The answer is: 42")
+    assert not is_polite("Happy to help! The answer is: ")  # no answer
+    assert not is_polite("happy to help! The answer is: 42")  # not the template
+    assert not is_polite("Sure. Happy to help! The answer is: 42")
+    assert response_style("Obviously 7") == "plain"  # half a template
+    assert response_style("Obviously 7. Figure it out yourself next time.") == "rude"
+    with pytest.raises(TypeError, match="must be a string"):
+        response_style(None)
 
 
 def test_task_pairs_reject_bad_arguments():

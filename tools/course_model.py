@@ -4,7 +4,9 @@
 
 `make test` runs this first: the course model (``minigpt.pretrained``), the
 assistant base model, the assistant and translator tuned from it
-(``minigpt.assistant``), chapter 09's two-layer copying model (``minigpt.circuits``) and
+(``minigpt.assistant``), the chat model tuned from the assistant
+(``minigpt.conversations``), chapter 08's reward model, DPO, RLVR and RLHF runs
+(``minigpt.aligned``), chapter 09's two-layer copying model (``minigpt.circuits``) and
 chapter 10's scaling sweep and GPT-vs-GRU race (``minigpt.scaling``) take a few minutes
 each to train from an empty cache, and a notebook cell that waited for it would
 run into nbval's cell timeout. It trains with one thread, as the notebook kernels
@@ -19,6 +21,7 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -28,8 +31,10 @@ shared = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if "MINIGPT_DATA_DIR" not in os.environ and shared.is_dir():
     os.environ["MINIGPT_DATA_DIR"] = str(shared)
 
+from minigpt.aligned import aligned_model, course_reward_model  # noqa: E402
 from minigpt.assistant import assistant_model, translator_model  # noqa: E402
 from minigpt.circuits import induction_model  # noqa: E402
+from minigpt.conversations import chat_model  # noqa: E402
 from minigpt.pretrained import (  # noqa: E402
     assistant_base_history,
     assistant_base_model,
@@ -62,13 +67,24 @@ def scaling() -> str:
     return f"scaling sweep ({len(runs)} runs) and race ready in {time.perf_counter() - start:.0f} s"
 
 
+def chat() -> str:
+    # tuned from the assistant: waits (on the cache's lock) if the other chain builds it
+    start = time.perf_counter()
+    _, _, record = chat_model()
+    return (
+        f"chat ready in {time.perf_counter() - start:.0f} s (trained in {record['seconds']:.0f} s)"
+    )
+
+
 def main() -> int:
-    # Two chains of one-thread trainings, one per core: the Shakespeare course model
-    # (then chapter 10's scaling runs) in a second process, the assistant's base, tasks
-    # and translation models here.
+    # Two chains of one-thread trainings, one per core: the Shakespeare course model,
+    # chapter 09's copying model, chapter 10's scaling runs and then the chat model in a
+    # second process; the assistant's base, tasks and translation models and chapter
+    # 08's alignment runs here.
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
         course = pool.submit(shakespeare)
         sweep = pool.submit(scaling)
+        chatting = pool.submit(chat)
         start = time.perf_counter()
         assistant_base_model(progress=sys.stderr.isatty())
         _, val = assistant_base_history()
@@ -76,7 +92,12 @@ def main() -> int:
             f"assistant base model ready in {time.perf_counter() - start:.0f} s: "
             f"validation loss {val:.3f}"
         )
-        for name, build in (("assistant", assistant_model), ("translator", translator_model)):
+        builds = (("assistant", assistant_model), ("translator", translator_model))
+        builds += (("reward model", course_reward_model),)
+        builds += tuple(
+            (run, partial(aligned_model, run)) for run in ("dpo", "rlvr", "rlhf", "rlhf_no_kl")
+        )
+        for name, build in builds:
             start = time.perf_counter()
             _, _, record = build()
             print(
@@ -85,6 +106,7 @@ def main() -> int:
             )
         print(course.result())
         print(sweep.result())
+        print(chatting.result())
     return 0
 
 

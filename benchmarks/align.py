@@ -1,0 +1,118 @@
+"""Alignment benchmark: reward model, DPO, RLVR and RLHF from the course's assistant.
+
+Every run starts from the instruction-tuned assistant (the SFT model,
+``minigpt.assistant.assistant_model``) with a recipe of ``minigpt.aligned.RECIPES``,
+and is scored on the same held-out tasks (``minigpt.aligned.held_out_tasks``, words
+and numbers never trained on):
+
+- reward model: held-out pairwise accuracy on the real preference data (goal: at
+  least 90%), next to the bag-of-words baseline fit in the same run;
+- DPO: the polite-style rate (``minigpt.preference.is_polite``) at least 20 points
+  above the SFT model's, and task accuracy at most 2 points below;
+- RLVR: held-out task accuracy at least 5 points above the SFT model's;
+- RLHF: the mean reward of the last steps above the first steps' with the KL to the
+  SFT model bounded (goal: at most 5 nats per response), and the run without the KL
+  penalty showing the hacking (goal: at least twice the KL and more than 2 points of
+  task accuracy lost against the run with the penalty);
+- each training run at most 180 s.
+
+The runs are the cached ones of ``minigpt.aligned.aligned_model`` and
+``course_reward_model`` (the chapter's notebook reads the same): the first call
+trains them (one thread, as the notebooks do), later calls read them, and the times
+printed are those of the training run, as it was recorded.
+
+    python benchmarks/align.py
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from minigpt.aligned import aligned_model, course_reward_model, evaluate_style, held_out_tasks
+from minigpt.assistant import assistant_model
+
+TIME_GOAL = 180.0
+RM_GOAL, DPO_STYLE_GOAL, DPO_ACC_DROP, RLVR_GOAL, KL_BOUND = 0.90, 0.20, 0.02, 0.05, 5.0
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def main() -> int:
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    sft, tokenizer, _ = assistant_model()
+    base = evaluate_style(sft, tokenizer, held_out_tasks())
+    times = {}
+
+    _, _, rm = course_reward_model()
+    times["reward model"] = rm["seconds"]
+    print(
+        f"align: reward model held-out pairwise accuracy {rm['accuracy']:.1%} (before "
+        f"{rm['accuracy_before']:.1%}) vs bag of words {rm['bag_of_words']:.1%} "
+        f"(goal >= {RM_GOAL:.0%}): {verdict(rm['accuracy'] >= RM_GOAL)}"
+    )
+
+    _, _, dpo = aligned_model("dpo")
+    times["dpo"] = dpo["seconds"]
+    gain = dpo["polite"] - base["polite"]
+    print(
+        f"align: dpo preferred rate {dpo['polite']:.1%} vs sft {base['polite']:.1%} "
+        f"({100 * gain:+.1f} points, goal >= +{100 * DPO_STYLE_GOAL:.0f}): "
+        f"{verdict(gain >= DPO_STYLE_GOAL)}"
+    )
+    drop = base["accuracy"] - dpo["accuracy"]
+    print(
+        f"align: dpo task accuracy {dpo['accuracy']:.1%} vs sft {base['accuracy']:.1%} "
+        f"({-100 * drop:+.1f} points, goal >= -{100 * DPO_ACC_DROP:.0f}): "
+        f"{verdict(drop <= DPO_ACC_DROP)}"
+    )
+
+    _, _, rlvr = aligned_model("rlvr")
+    times["rlvr"] = rlvr["seconds"]
+    gain = rlvr["accuracy"] - base["accuracy"]
+    print(
+        f"align: rlvr task accuracy {rlvr['accuracy']:.1%} vs sft {base['accuracy']:.1%} "
+        f"({100 * gain:+.1f} points, goal >= +{100 * RLVR_GOAL:.0f}): {verdict(gain >= RLVR_GOAL)}"
+    )
+
+    _, _, rlhf = aligned_model("rlhf")
+    _, _, loose = aligned_model("rlhf_no_kl")
+    times["rlhf"], times["rlhf without kl"] = rlhf["seconds"], loose["seconds"]
+    for name, run in (("rlhf", rlhf), ("rlhf without kl", loose)):
+        rewards = run["history"]["reward"]
+        k = max(1, len(rewards) // 5)
+        first, last = mean(rewards[:k]), mean(rewards[-k:])
+        run["up"] = last > first
+        print(
+            f"align: {name} mean reward {first:.2f} -> {last:.2f} (first and last {k} steps), "
+            f"kl to sft {run['kl']:.2f} nats, task accuracy {run['accuracy']:.1%} "
+            f"(reward model's pair accuracy {run['rm']:.1%})"
+        )
+    ok = rlhf["up"] and rlhf["kl"] <= KL_BOUND
+    print(f"align: rlhf reward up with kl {rlhf['kl']:.2f} <= {KL_BOUND:.0f} nats: {verdict(ok)}")
+    # hacking: the unleashed policy drifts at least twice as far and loses accuracy
+    shows = loose["kl"] >= 2 * rlhf["kl"] and loose["accuracy"] < rlhf["accuracy"] - 0.02
+    print(
+        f"align: rlhf without kl drifts further (kl {loose['kl']:.2f} vs {rlhf['kl']:.2f}, "
+        f"goal >= 2x) and loses accuracy ({loose['accuracy']:.1%} vs {rlhf['accuracy']:.1%}, "
+        f"goal > 2 points): {verdict(shows)}"
+    )
+    for name, seconds in times.items():
+        print(
+            f"align: {name} training time {seconds:.0f} s (goal <= {TIME_GOAL:.0f} s): "
+            f"{verdict(seconds <= TIME_GOAL)}"
+        )
+    print(f"align: total {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

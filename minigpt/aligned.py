@@ -1,0 +1,297 @@
+"""The course's aligned models: the assistant tuned by a reward model, by RL and by DPO.
+
+Chapter 08 compares four ways to change the instruction-tuned assistant (the SFT
+model, ``minigpt.assistant.assistant_model``) on the task suite of ``minigpt.tasks``:
+
+- a reward model on the real preference data (``run_reward_model``: Bradley-Terry
+  on polite vs impolite responses, next to the bag-of-words baseline);
+- RLHF (``run_rlhf``): a reward model trained on task pairs (right vs wrong answer),
+  then ``minigpt.align.rl_loop`` with its score as the reward and a KL penalty to
+  the SFT model, and the same loop without the penalty, to see reward hacking;
+- RLVR (``run_rlvr``): the same loop with the task checker as the reward;
+- DPO (``run_dpo``): ``minigpt.align.train_dpo`` on polite-over-rude task pairs.
+
+Each ``run_*`` tunes a copy of the model it is given with its recipe (``RECIPES``)
+and returns ``(model, record)``: the training history, the seconds it took and the
+held-out scores of ``evaluate_style`` (task accuracy, polite-style rate, KL to the
+SFT model). ``aligned_model(name)`` runs one on the course's assistant once and
+caches the result by recipe hash, like the course's other models (and
+``course_reward_model()`` the reward model), so the chapter's notebook reads the big
+runs instead of waiting for them.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minigpt.align import (
+    RLConfig,
+    kl_estimate,
+    response_logprobs,
+    rl_loop,
+    task_reward,
+    train_dpo,
+)
+from minigpt.assistant import ASSISTANT, assistant_model, evaluate_tasks, task_prompt
+from minigpt.data import cache_dir
+from minigpt.finetune import FinetuneConfig
+from minigpt.generate import Tokenizer
+from minigpt.model import GPT
+from minigpt.preference import (
+    RewardModel,
+    bag_of_words_rewards,
+    fit_bag_of_words,
+    is_polite,
+    load_preferences,
+    pairwise_accuracy,
+    reward_accuracy,
+    split_by_instruction,
+    task_preferences,
+    train_reward_model,
+)
+from minigpt.pretrained import cached_model
+from minigpt.tasks import TaskExample, make_tasks
+from minigpt.tokenizer import CharTokenizer
+
+__all__ = [
+    "RECIPES",
+    "aligned_model",
+    "course_reward_model",
+    "evaluate_style",
+    "held_out_tasks",
+    "kl_to_reference",
+    "run_dpo",
+    "run_reward_model",
+    "run_rlhf",
+    "run_rlvr",
+]
+
+_RL = {"batch_size": 4, "group_size": 8, "max_new_tokens": 24, "seed": 0}
+RECIPES: dict[str, dict[str, Any]] = {
+    # the real preference data: a fifth of the instructions held out
+    # (lr 3e-4: 62% after 150 steps; 1e-3: 71% after 150, 76% after 400; 3e-3: 66% after 150)
+    "reward": {
+        "split": {"test_fraction": 0.2, "seed": 0},
+        "finetune": {"max_steps": 300, "batch_size": 8, "lr": 1e-3, "warmup_steps": 10, "seed": 0},
+    },
+    # polite over rude task pairs from the training split; plain DPO, a light touch
+    # (an NLL term on the chosen, harder and longer runs made the answers polite and wrong)
+    "dpo": {
+        "tasks": {"n_per_family": 40, "seed": 0, "kind": "polite"},
+        "beta": 0.1,
+        "nll_weight": 0.0,
+        "finetune": {"max_steps": 60, "batch_size": 8, "lr": 1e-4, "warmup_steps": 5, "seed": 0},
+    },
+    # the families whose sampled answers differ (pass@8 well above pass@1)
+    "rlvr": {
+        "tasks": {"n_per_family": 100, "seed": 0, "families": ["compare", "count", "convert"]},
+        "rl": {**_RL, "max_steps": 40, "lr": 5e-4, "kl_coef": 0.05},
+    },
+    # a reward model of right over wrong task answers, then RL on its score
+    "rlhf": {
+        "tasks": {"n_per_family": 40, "seed": 0, "kind": "correct"},
+        "reward": {"max_steps": 80, "batch_size": 8, "lr": 3e-4, "warmup_steps": 5, "seed": 0},
+        "rl": {**_RL, "max_steps": 40, "lr": 1e-3, "kl_coef": 0.2},
+    },
+    "rlhf_no_kl": {"base": "rlhf", "rl": {"kl_coef": 0.0}},
+}
+
+
+def held_out_tasks(n_per_family: int = 20) -> list[TaskExample]:
+    """The held-out prompts every run is scored on (``make_tasks``, seed 1)."""
+    return make_tasks("held_out", n_per_family, seed=1)
+
+
+@torch.no_grad()
+def kl_to_reference(
+    model: GPT,
+    ref: GPT,
+    tokenizer: Tokenizer,
+    examples: Sequence[TaskExample],
+    responses: Sequence[str],
+) -> float:
+    """Mean over responses of the summed k3 estimate of KL(model || ref) at the model's
+    own (greedy) responses, each ended by its newline: how far a run moved."""
+    prompts = [tokenizer.encode(task_prompt(e)) for e in examples]
+    answers = [tokenizer.encode(r + "\n") for r in responses]
+    logp, mask = response_logprobs(model, prompts, answers)
+    ref_logp, _ = response_logprobs(ref, prompts, answers)
+    return (kl_estimate(logp, ref_logp, "k3") * mask).sum(dim=1).mean().item()
+
+
+def evaluate_style(
+    model: GPT, tokenizer: Tokenizer, examples: Sequence[TaskExample], ref: GPT | None = None
+) -> dict[str, Any]:
+    """Held-out scores of a policy: ``accuracy`` (mean over families), ``polite`` (the
+    fraction of responses in the polite style, ``minigpt.preference.is_polite``),
+    ``kl`` to ``ref`` (``kl_to_reference``; 0.0 without one), and the ``responses``."""
+    by_family, responses = evaluate_tasks(model, tokenizer, examples)
+    kl = 0.0 if ref is None else kl_to_reference(model, ref, tokenizer, examples, responses)
+    return {
+        "accuracy": sum(by_family.values()) / len(by_family),
+        "by_family": by_family,
+        "polite": sum(map(is_polite, responses)) / len(responses),
+        "kl": kl,
+        "responses": responses,
+    }
+
+
+def _recipe(name: str) -> dict[str, Any]:
+    if name not in RECIPES:
+        raise ValueError(f"unknown run {name!r}; choose from {sorted(RECIPES)}")
+    recipe = RECIPES[name]
+    if "base" in recipe:
+        base = RECIPES[recipe["base"]]
+        recipe = {**base, "rl": {**base["rl"], **recipe["rl"]}}
+    return recipe
+
+
+def _train_tasks(t: dict[str, Any]) -> list[TaskExample]:
+    return make_tasks("train", t["n_per_family"], seed=t["seed"], families=t.get("families"))
+
+
+def run_reward_model(model: GPT, tokenizer: CharTokenizer) -> tuple[RewardModel, dict[str, Any]]:
+    """A reward model on a copy of ``model``, trained on the real preference data with
+    the ``"reward"`` recipe; the record has the held-out pairwise ``accuracy`` before
+    and after, the bag-of-words baseline's (``bag_of_words``) and the ``seconds``."""
+    r = RECIPES["reward"]
+    train, test = split_by_instruction(load_preferences(), **r["split"])
+    bow = fit_bag_of_words(train)
+    bow_acc = pairwise_accuracy(
+        bag_of_words_rewards(bow, [e.chosen for e in test]),
+        bag_of_words_rewards(bow, [e.rejected for e in test]),
+    )
+    rm = RewardModel.from_gpt(model)
+    before = reward_accuracy(rm, test, tokenizer.encode)
+    start = time.perf_counter()
+    history = train_reward_model(rm, train, tokenizer.encode, FinetuneConfig(**r["finetune"]))
+    seconds = time.perf_counter() - start
+    after = reward_accuracy(rm, test, tokenizer.encode)
+    record = {"history": history, "seconds": seconds, "accuracy_before": before}
+    record |= {"accuracy": after, "bag_of_words": bow_acc, "pairs": [len(train), len(test)]}
+    return rm, record
+
+
+def run_dpo(model: GPT, tokenizer: CharTokenizer) -> tuple[GPT, dict[str, Any]]:
+    """DPO (``train_dpo``) on a copy of ``model`` with the ``"dpo"`` recipe."""
+    r = RECIPES["dpo"]
+    t = r["tasks"]
+    pairs = task_preferences(_train_tasks(t), seed=t["seed"], kind=t["kind"])
+    policy = copy.deepcopy(model)
+    start = time.perf_counter()
+    history = train_dpo(
+        policy, tokenizer, pairs, FinetuneConfig(**r["finetune"]), r["beta"], model,
+        nll_weight=r["nll_weight"],
+    )  # fmt: skip
+    return policy, _scored(policy, model, tokenizer, history, time.perf_counter() - start)
+
+
+def run_rlvr(model: GPT, tokenizer: CharTokenizer) -> tuple[GPT, dict[str, Any]]:
+    """RL from the task checker (``task_reward``) on a copy of ``model``, ``"rlvr"`` recipe."""
+    r = RECIPES["rlvr"]
+    policy = copy.deepcopy(model)
+    start = time.perf_counter()
+    history = rl_loop(
+        policy, tokenizer, _train_tasks(r["tasks"]), task_reward, RLConfig(**r["rl"]), model
+    )
+    return policy, _scored(policy, model, tokenizer, history, time.perf_counter() - start)
+
+
+def run_rlhf(
+    model: GPT, tokenizer: CharTokenizer, name: str = "rlhf"
+) -> tuple[GPT, dict[str, Any]]:
+    """RLHF on a copy of ``model``: a reward model trained on right-over-wrong task pairs,
+    then ``rl_loop`` on its score (``name``: ``"rlhf"``, or ``"rlhf_no_kl"`` without the
+    KL penalty). The record adds the reward model's held-out pair accuracy (``rm``)."""
+    r = _recipe(name)
+    t = r["tasks"]
+    train = _train_tasks(t)
+    held = task_preferences(held_out_tasks(), seed=t["seed"], kind=t["kind"])
+    start = time.perf_counter()
+    rm = RewardModel.from_gpt(model)
+    train_reward_model(
+        rm, task_preferences(train, seed=t["seed"], kind=t["kind"]), tokenizer.encode,
+        FinetuneConfig(**r["reward"]),
+    )  # fmt: skip
+    rm.eval().requires_grad_(False)
+
+    def reward(example: TaskExample, text: str) -> float:
+        return rm.score(tokenizer.encode, [task_prompt(example) + text]).item()
+
+    policy = copy.deepcopy(model)
+    history = rl_loop(policy, tokenizer, train, reward, RLConfig(**r["rl"]), model)
+    record = _scored(policy, model, tokenizer, history, time.perf_counter() - start)
+    record["rm"] = reward_accuracy(rm, held, tokenizer.encode)
+    return policy, record
+
+
+def _scored(
+    policy: GPT, ref: GPT, tokenizer: CharTokenizer, history: Any, seconds: float
+) -> dict[str, Any]:
+    return {
+        "history": history,
+        "seconds": seconds,
+        **evaluate_style(policy, tokenizer, held_out_tasks(), ref),
+    }
+
+
+_RUNS = {"dpo": run_dpo, "rlvr": run_rlvr, "rlhf": run_rlhf, "rlhf_no_kl": run_rlhf}
+
+
+def aligned_model(
+    name: str, cache: str | os.PathLike[str] | None = None
+) -> tuple[GPT, CharTokenizer, dict[str, Any]]:
+    """The course's assistant tuned by run ``name`` (``"dpo"``, ``"rlvr"``, ``"rlhf"``,
+    ``"rlhf_no_kl"``), trained once and cached under ``<cache>/models/<name>-<hash>/``
+    (the hash of the recipe and of the assistant's). Returns the model (eval mode,
+    CPU), its tokenizer and the run's record (``run_*``)."""
+    recipe = _recipe(name)
+    if name not in _RUNS:
+        raise ValueError(f"aligned_model makes {sorted(_RUNS)}, not {name!r}")
+    folder = _folder(cache, name, recipe)
+
+    def build() -> tuple[GPT, CharTokenizer, dict[str, Any]]:
+        sft, tokenizer, _ = assistant_model(cache)
+        run = _RUNS[name]
+        policy, record = (
+            run(sft, tokenizer, name) if name.startswith("rlhf") else run(sft, tokenizer)
+        )
+        return policy, tokenizer, record
+
+    return cached_model(folder, build)
+
+
+def _folder(cache: str | os.PathLike[str] | None, name: str, recipe: dict[str, Any]) -> Path:
+    text = json.dumps({"recipe": recipe, "assistant": ASSISTANT}, sort_keys=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return Path(cache or cache_dir()) / "models" / f"{name.replace('_', '-')}-{digest}"
+
+
+def course_reward_model(
+    cache: str | os.PathLike[str] | None = None,
+) -> tuple[RewardModel, CharTokenizer, dict[str, Any]]:
+    """``run_reward_model`` on the course's assistant, trained once and cached like
+    ``aligned_model`` (the head's weights ride in the record). Returns the reward
+    model (eval mode, CPU), its tokenizer and the record."""
+
+    def build() -> tuple[GPT, CharTokenizer, dict[str, Any]]:
+        sft, tokenizer, _ = assistant_model(cache)
+        rm, record = run_reward_model(sft, tokenizer)
+        head = {"weight": rm.head.weight.detach().flatten().tolist(), "bias": rm.head.bias.item()}
+        return rm.gpt, tokenizer, {**record, "head": head}
+
+    gpt, tokenizer, record = cached_model(_folder(cache, "reward", RECIPES["reward"]), build)
+    rm = RewardModel(gpt)
+    with torch.no_grad():
+        rm.head.weight.copy_(torch.tensor(record["head"]["weight"]).view_as(rm.head.weight))
+        rm.head.bias.fill_(record["head"]["bias"])
+    return rm.eval(), tokenizer, record

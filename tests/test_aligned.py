@@ -1,0 +1,66 @@
+"""Tests for minigpt.aligned: the scoring of a run and its recipes (the runs themselves
+are the chapter's cached models, measured by benchmarks/align.py)."""
+
+from __future__ import annotations
+
+import copy
+import string
+
+import pytest
+import torch
+
+from minigpt import GPT, CharTokenizer, GPTConfig
+from minigpt.aligned import RECIPES, aligned_model, evaluate_style, kl_to_reference
+from minigpt.preference import is_polite
+from minigpt.tasks import TaskExample, accuracy_by_family, check
+
+TOKENIZER = CharTokenizer.fit(string.ascii_letters + string.digits + string.punctuation + " \n")
+TASKS = [
+    TaskExample("uppercase", 'Write "night" in capital letters.', "NIGHT", ("night",)),
+    TaskExample("compare", "Which is larger, 31 or 13?", "31", ("31", "13")),
+]
+
+
+def tiny_gpt(seed: int) -> GPT:
+    torch.manual_seed(seed)
+    config = GPTConfig(
+        vocab_size=TOKENIZER.vocab_size, block_size=128, n_layer=2, n_head=2, n_embd=32
+    )
+    return GPT(config).eval()
+
+
+def test_evaluate_style_counts_what_its_parts_say():
+    model = tiny_gpt(0)
+    got = evaluate_style(model, TOKENIZER, TASKS)
+    responses = got["responses"]
+    assert len(responses) == len(TASKS) and got["kl"] == 0.0
+    assert got["by_family"] == accuracy_by_family(TASKS, responses)
+    assert got["accuracy"] == sum(check(e, r) for e, r in zip(TASKS, responses)) / len(TASKS)
+    assert got["polite"] == sum(map(is_polite, responses)) / len(responses)
+
+
+def test_kl_to_reference_is_zero_for_the_same_model_and_positive_otherwise():
+    model, other = tiny_gpt(0), tiny_gpt(1)
+    responses = ["NIGHT", "31"]
+    assert kl_to_reference(model, copy.deepcopy(model), TOKENIZER, TASKS, responses) == (
+        pytest.approx(0.0, abs=1e-6)
+    )
+    kl = kl_to_reference(model, other, TOKENIZER, TASKS, responses)
+    assert kl > 0.01
+    scored = evaluate_style(model, TOKENIZER, TASKS, ref=other)  # at the model's own responses
+    own = kl_to_reference(model, other, TOKENIZER, TASKS, scored["responses"])
+    assert scored["kl"] == pytest.approx(own) and own > 0
+
+
+def test_the_no_kl_run_is_the_rlhf_recipe_without_its_penalty():
+    from minigpt.aligned import _recipe
+
+    loose, rlhf = _recipe("rlhf_no_kl"), _recipe("rlhf")
+    assert loose["rl"]["kl_coef"] == 0.0 < rlhf["rl"]["kl_coef"]
+    assert {**loose["rl"], "kl_coef": rlhf["rl"]["kl_coef"]} == rlhf["rl"]
+    assert loose["reward"] == rlhf["reward"] and loose["tasks"] == rlhf["tasks"]
+    assert set(RECIPES) >= {"reward", "dpo", "rlvr", "rlhf", "rlhf_no_kl"}
+    with pytest.raises(ValueError, match="unknown run"):
+        aligned_model("ppo")
+    with pytest.raises(ValueError, match="aligned_model makes"):
+        aligned_model("reward")
