@@ -17,10 +17,11 @@ REPO = Path(__file__).resolve().parents[1]
 TEXT = "\n".join(f"Line {i}: to be, or not to be, that is the question." for i in range(300))
 
 
-def _config(tmp_path: Path, **train) -> Path:
+def _config(tmp_path: Path, n_layer: int = 1, **train) -> Path:
+    """A config file for a tiny character model of TEXT (train options as overrides)."""
     (tmp_path / "text.txt").write_text(TEXT, encoding="utf-8")
     cfg = {
-        "model": {"preset": None, "n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16},
+        "model": {"preset": None, "n_layer": n_layer, "n_head": 2, "n_embd": 16, "block_size": 16},
         "train": {
             "max_steps": 6,
             "batch_size": 4,

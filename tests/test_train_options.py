@@ -20,6 +20,7 @@ from minigpt.files import load_tensors
 from minigpt.model import GPT, GPTConfig
 from minigpt.tokens import TokenDataset
 from minigpt.train import TrainConfig, Trainer
+from tests.test_cli import _config as _cli_config
 
 REPO = Path(__file__).resolve().parents[1]
 V, T = 32, 8
@@ -134,28 +135,10 @@ def test_config_checks_the_new_options():
 
 # ----------------------------------------------------------------------------- command line
 
-TEXT = "\n".join(f"Line {i}: to be, or not to be, that is the question." for i in range(300))
-
 
 def _config(tmp_path: Path, **train) -> Path:
-    (tmp_path / "text.txt").write_text(TEXT, encoding="utf-8")
-    cfg = {
-        "model": {"preset": None, "n_layer": 2, "n_head": 2, "n_embd": 16, "block_size": 16},
-        "train": {
-            "max_steps": 6,
-            "batch_size": 4,
-            "eval_interval": 3,
-            "eval_iters": 2,
-            "warmup_steps": 2,
-            "out_dir": str(tmp_path / "run"),
-            "progress": False,
-            **train,
-        },
-        "data": {"text_file": str(tmp_path / "text.txt"), "tokenizer": "char"},
-    }
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(cfg))
-    return path
+    """tests/test_cli.py's config with two blocks (one to checkpoint while another runs)."""
+    return _cli_config(tmp_path, n_layer=2, **train)
 
 
 def _history(run: Path) -> dict:
