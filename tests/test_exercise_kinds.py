@@ -259,8 +259,10 @@ def test_the_measurement_is_deterministic(chapter, q):
         assert abs(first[key] - second[key]) < 1e-9, key
 
 
-@pytest.mark.parametrize("q", [ch02.q6, ch05.q6], ids=["ch02-q6", "ch05-q6"])
-def test_a_training_experiment_gives_the_same_number_on_two_threads(q):
+@pytest.mark.parametrize(
+    "q", [ch02.q6, ch05.q6, ch08.q6, ch09.q6], ids=["ch02-q6", "ch05-q6", "ch08-q6", "ch09-q6"]
+)
+def test_a_seeded_experiment_gives_the_same_number_on_two_threads(q):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -435,8 +435,8 @@ def _kl_estimates() -> dict[str, float]:
 class KLFromSamples(Experiment):
     name = "q6"
     question = """
-The RL loop of the lesson estimates KL(policy || ref) from tokens sampled from the policy,
-one estimate per token. Try the two estimators on two small distributions over 5 tokens:
+The RL loop of the lesson estimates KL(policy || ref) from what the policy samples, one
+estimate per sample. Try the two estimators on two small distributions over 5 tokens:
 `policy = torch.tensor([0.40, 0.25, 0.15, 0.12, 0.08])` and `ref = torch.full((5,), 0.2)`.
 Draw 50 tokens from the policy with `t = torch.multinomial(policy, 50, replacement=True,
 generator=torch.Generator().manual_seed(0))`. At each sampled token,

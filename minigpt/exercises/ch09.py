@@ -534,7 +534,7 @@ labels in the more common class (what "always guess that class" scores). Each wi
     trivial = (0.0, 1.0, 0.5, 16.0, 400.0, 0.25)
     _hint = """
 linear_probe returns a ProbeResult: report its .test_accuracy, not .train_accuracy. The
-majority rate is max(labels.float().mean(), 1 - labels.float().mean()).
+majority rate is max(ones, 400 - ones) / 400 with ones = int(labels.sum()).
 """
     _solution = """
 from minigpt.inspect import linear_probe
@@ -542,11 +542,11 @@ from minigpt.inspect import linear_probe
 features = torch.randn(400, 16, generator=torch.Generator().manual_seed(0))  # (N, d)
 labels = (features[:, 0] + 0.5 * features[:, 1] > 1.0).long()  # (N,)
 shuffled = labels[torch.randperm(400, generator=torch.Generator().manual_seed(1))]
-share = labels.float().mean().item()  # the share of label 1
+ones = int(labels.sum())  # how many rows have label 1
 probe_numbers = {
     "probe": linear_probe(features, labels).test_accuracy,
     "shuffled": linear_probe(features, shuffled).test_accuracy,
-    "majority": max(share, 1 - share),
+    "majority": max(ones, 400 - ones) / 400,
 }
 """
 
@@ -599,12 +599,6 @@ test accuracy, well above the same probe on shuffled labels (92.8%) and the majo
             "(patching, ablation, or removing the probe's direction) and measure the output.",
         ),
         Option(
-            "Block 1 computes the property: it is not in the stream before that block.",
-            "The probe scored only one layer. The lesson's probe on the embeddings alone "
-            "already read 97.1% (a capital letter or a colon is a hint); what a layer adds is "
-            "the difference from the layer below, not the accuracy at that layer.",
-        ),
-        Option(
             "The information is in the stream after block 1 in a form a linear classifier "
             "can read on positions it did not train on, beyond what the class frequencies and "
             "the probe's own capacity to fit noise give.",
@@ -613,12 +607,18 @@ test accuracy, well above the same probe on shuffled labels (92.8%) and the majo
             "the probe scores with no information; the gap above it is the evidence.",
         ),
         Option(
+            "Block 1 computes the property: it is not in the stream before that block.",
+            "The probe scored only one layer. The lesson's probe on the embeddings alone "
+            "already read 97.1% (a capital letter or a colon is a hint); what a layer adds is "
+            "the difference from the layer below, not the accuracy at that layer.",
+        ),
+        Option(
             "Little: 98.6% is about what any probe scores, because shuffled labels score 50%.",
             "Shuffling keeps the counts (192 of 2,048 positions in a name line), so the control "
             "scores near the majority rate, 90.6%, not 50%. The real probe is well above it.",
         ),
     )
-    answer = "c"
+    answer = "b"
     _hint = (
         "Which of these claims does the probe test, and which need an intervention on the "
         "model? What do shuffled labels keep, and what do they break?"
