@@ -523,29 +523,31 @@ keep that KL penalty, when the reward is what we want?
 """
     options = (
         Option(
-            "The penalty makes the reward model more accurate as the policy trains.",
+            "It keeps the reward model accurate: a judge that scores responses near the SFT "
+            "model's keeps learning to score them better as the policy trains.",
             "The reward model is frozen during RL: the penalty is a term of the policy's "
             "objective and changes nothing about the judge. It changes where the policy is "
             "allowed to go.",
         ),
         Option(
-            "Without it the policy-gradient estimate is biased; the KL term removes the bias.",
-            "REINFORCE is unbiased with or without a KL term, and the group baseline (which "
-            "cuts variance) keeps it unbiased. The penalty changes the objective that is "
-            "optimised, not how well its gradient is estimated.",
+            "Without it the policy-gradient estimate is biased, because the samples come from "
+            "the very policy being trained; the KL term corrects for that.",
+            "Sampling from the policy being trained is what makes REINFORCE unbiased (it is "
+            "on-policy), and the group baseline keeps it so while cutting the variance. The "
+            "penalty changes the objective that is optimised, not how well its gradient is "
+            "estimated.",
         ),
         Option(
             "The reward model is an imperfect judge, fitted on responses like the SFT "
-            "model's. Far from them its scores mean little, and a policy free to move finds "
-            "text it over-scores (reward hacking) and forgets what SFT taught. The penalty "
-            "keeps the policy near the responses the judge was trained on.",
+            "model's. A policy free to move drifts to text the judge over-scores (reward "
+            "hacking) and forgets what SFT taught; the penalty keeps it near what the judge knows.",
             "In the lesson's runs, the one without the penalty moved further from the SFT "
             "model (held-out KL 3.77 nats against 2.11) and lost more task accuracy (46.1% "
             "against 59.4%, SFT 76.7%), though the judge did not score it higher.",
         ),
         Option(
-            "It makes each RL step cheaper: with the policy near the SFT model, fewer "
-            "samples per prompt are needed.",
+            "It makes each RL step cheaper: a policy that stays near the SFT model needs "
+            "fewer samples per prompt for the same noise in the gradient.",
             "It makes a step dearer, if anything: every sampled response is also scored by "
             "the frozen reference model to get log pi_ref. The number of samples per prompt "
             "is a setting of its own.",

@@ -593,29 +593,32 @@ test accuracy, well above the same probe on shuffled labels (92.8%) and the majo
 """
     options = (
         Option(
-            "The model uses this information to predict the next character.",
+            "The model uses this information: its next-character predictions depend on it.",
             "A probe only reads; it never asks the model to do anything with what it reads. "
             "Whether the prediction depends on it is a causal question: change the activation "
             "(patching, ablation, or removing the probe's direction) and measure the output.",
         ),
         Option(
-            "The information is in the stream after block 1 in a form a linear classifier "
-            "can read on positions it did not train on, beyond what the class frequencies and "
-            "the probe's own capacity to fit noise give.",
+            "The stream after block 1 holds the information in a form a linear classifier "
+            "reads on positions it did not train on, beyond what class counts and fitting "
+            "noise give.",
             "That is all it shows: present and linearly readable. The shuffled control, which "
             "keeps the class frequencies and breaks the link to the activations, measures what "
             "the probe scores with no information; the gap above it is the evidence.",
         ),
         Option(
-            "Block 1 computes the property: it is not in the stream before that block.",
+            "Block 1 computes the property: the stream before block 1 does not hold it, or "
+            "not in a form a probe reads.",
             "The probe scored only one layer. The lesson's probe on the embeddings alone "
             "already read 97.1% (a capital letter or a colon is a hint); what a layer adds is "
             "the difference from the layer below, not the accuracy at that layer.",
         ),
         Option(
-            "Little: 98.6% is about what any probe scores, because shuffled labels score 50%.",
+            "Little: a probe of 128 weights per class fits almost any labels, and shuffled "
+            "labels score 50%, so 98.6% is what it would score anyway.",
             "Shuffling keeps the counts (192 of 2,048 positions in a name line), so the control "
-            "scores near the majority rate, 90.6%, not 50%. The real probe is well above it.",
+            "scores near the majority rate, 90.6%, not 50%; and a probe that fitted any labels "
+            "would score as well on the shuffled ones. The real probe is well above them.",
         ),
     )
     answer = "b"
