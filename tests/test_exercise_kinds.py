@@ -13,12 +13,13 @@ the question text the module checks.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from minigpt.exercises import ch00, ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch10
+from minigpt.exercises import ch00, ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08, ch09, ch10
 from minigpt.exercises.core import Experiment, MultipleChoice, Option, blank
 from tests.test_exercises import ALL
 
@@ -217,7 +218,7 @@ def _ids(rows):
 
 
 def test_every_chapter_has_an_experiment_and_a_conceptual_question():
-    for chapter in [*(f"ch0{i}" for i in range(8)), "ch10"]:
+    for chapter in [*(f"ch0{i}" for i in range(10)), "ch10"]:
         assert any(c == chapter for c, _ in CHOICES), chapter
         assert any(c == chapter for c, _ in EXPERIMENTS), chapter
 
@@ -258,8 +259,10 @@ def test_the_measurement_is_deterministic(chapter, q):
         assert abs(first[key] - second[key]) < 1e-9, key
 
 
-@pytest.mark.parametrize("q", [ch02.q6, ch05.q6], ids=["ch02-q6", "ch05-q6"])
-def test_a_training_experiment_gives_the_same_number_on_two_threads(q):
+@pytest.mark.parametrize(
+    "q", [ch02.q6, ch05.q6, ch08.q6, ch09.q6], ids=["ch02-q6", "ch05-q6", "ch08-q6", "ch09-q6"]
+)
+def test_a_seeded_experiment_gives_the_same_number_on_two_threads(q):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -324,6 +327,61 @@ def _misread_activations(how: str) -> float:
     return sum(counted.values()) / (4 * 64)
 
 
+def _kl_by_hand(from_ref: bool = False) -> dict[str, float]:
+    """ch08.q6's setting computed here on its own: k1 and k2 means and the exact KL;
+    ``from_ref`` draws the 50 tokens from ref (a second draw of the same generator)."""
+    policy = torch.tensor([0.40, 0.25, 0.15, 0.12, 0.08])
+    ref = torch.full((5,), 0.2)
+    g = torch.Generator().manual_seed(0)
+    t = torch.multinomial(policy, 50, replacement=True, generator=g)
+    if from_ref:
+        t = torch.multinomial(ref, 50, replacement=True, generator=g)
+    log_r = ref.log()[t] - policy.log()[t]
+    return {
+        "k1": (-log_r).mean().item(),
+        "k2": (0.5 * log_r**2).mean().item(),
+        "exact": (policy * (policy / ref).log()).sum().item(),
+    }
+
+
+def _probe_by_hand(which: str) -> dict[str, float]:
+    """ch09.q6's two probes fitted here, read at ``which`` ("train_accuracy", ...)."""
+    from minigpt.inspect import linear_probe
+
+    features = torch.randn(400, 16, generator=torch.Generator().manual_seed(0))
+    labels = (features[:, 0] + 0.5 * features[:, 1] > 1.0).long()
+    shuffled = labels[torch.randperm(400, generator=torch.Generator().manual_seed(1))]
+    return {
+        "probe": getattr(linear_probe(features, labels), which),
+        "shuffled": getattr(linear_probe(features, shuffled), which),
+    }
+
+
+def test_the_kl_experiment_agrees_with_an_independent_count():
+    """ch08.q6: k3 by hand from the sampled counts; the fraction from the 3 low tokens."""
+    policy = [0.40, 0.25, 0.15, 0.12, 0.08]
+    t = torch.multinomial(
+        torch.tensor(policy), 50, replacement=True, generator=torch.Generator().manual_seed(0)
+    )
+    counts = torch.bincount(t, minlength=5).tolist()
+    k3 = sum(n * (0.2 / p - 1 - math.log(0.2 / p)) for n, p in zip(counts, policy)) / 50
+    k1 = sum(n * math.log(p / 0.2) for n, p in zip(counts, policy)) / 50
+    truth = ch08.q6.truth()
+    assert abs(truth["k3"] - k3) < 1e-6 and abs(truth["k1"] - k1) < 1e-6
+    assert truth["negative"] == sum(counts[2:]) / 50  # the tokens below 0.2
+    assert truth["k3"] >= 0 and min(counts) > 0
+
+
+def test_the_probe_experiment_agrees_with_an_independent_count():
+    """ch09.q6: the majority rate counted; the real probe well above its control."""
+    features = torch.randn(400, 16, generator=torch.Generator().manual_seed(0))
+    ones = int(((features[:, 0] + 0.5 * features[:, 1]) > 1.0).sum())
+    truth = ch09.q6.truth()
+    assert abs(truth["majority"] - max(ones, 400 - ones) / 400) < 1e-12
+    assert truth["probe"] > truth["shuffled"] + 0.1
+    assert abs(truth["shuffled"] - truth["majority"]) < 0.1  # the control sits near it
+
+
 # (question, wrong answer or a function of the question that makes one, what the message says)
 ROWS = [
     # the lesson's printed numbers, for the lesson's own setting
@@ -338,10 +396,13 @@ ROWS = [
     (ch07.q9, 0.375, "the lesson's toy batch"),
     (ch10.q6, _with(plain=51_085), "the lesson's number for the course model"),
     (ch10.q6, _with(checkpointed=5_911), "the lesson's number for the course model"),
+    (ch09.q6, _with(probe=0.986), "the lesson's number for its name-line probe"),
+    (ch09.q6, _with(shuffled=0.924), "the lesson's number for its name-line probe"),
+    (ch09.q6, _with(majority=0.906), "the lesson's number for its name-line probe"),
     # off by just more than the tolerance, each way
     *[
         (q, _shifted(key, sign), "")
-        for q in (ch00.q7, ch01.q7, ch02.q6, ch03.q6, ch05.q6, ch06.q6, ch10.q6)
+        for q in (ch00.q7, ch01.q7, ch02.q6, ch03.q6, ch05.q6, ch06.q6, ch08.q6, ch09.q6, ch10.q6)
         for key in q.keys
         for sign in (1.0, -1.0)
     ],
@@ -368,6 +429,20 @@ ROWS = [
         "",
     ),
     (ch10.q6, _with(checkpointed=256.0), "not a measurement"),
+    (ch08.q6, lambda q: _with(k1=_kl_by_hand()["exact"], k3=_kl_by_hand()["exact"])(q), "exact KL"),
+    (ch08.q6, lambda q: _with(k1=-q.truth()["k1"])(q), "upside down"),
+    (ch08.q6, lambda q: _with(k3=_kl_by_hand()["k2"])(q), "k2"),
+    (ch08.q6, lambda q: _with(k1=_kl_by_hand(from_ref=True)["k1"])(q), "drawn from ref"),
+    (ch08.q6, lambda q: _with(k1=q.truth()["k1"] * 50, k3=q.truth()["k3"] * 50)(q), "sum"),
+    (ch08.q6, lambda q: _with(k1=q.truth()["k1"] / 0.6931471805599453)(q), "bits"),
+    (ch08.q6, lambda q: _with(negative=1 - q.truth()["negative"])(q), ""),
+    (ch08.q6, _with(negative=0.6), "share of the 5 tokens"),
+    (ch08.q6, _with(negative=0.0), "not a measurement"),
+    (ch08.q6, lambda q: {"k1": q.truth()["k3"], "k3": q.truth()["k1"], "negative": 0.32}, ""),
+    (ch09.q6, lambda q: _with(**_probe_by_hand("train_accuracy"))(q), "training split"),
+    (ch09.q6, lambda q: _with(majority=1 - q.truth()["majority"])(q), "less common class"),
+    (ch09.q6, _with(shuffled=0.5), "not a measurement"),
+    (ch09.q6, lambda q: _with(shuffled=q.truth()["majority"])(q), ""),
     # conceptual: a wrong letter, and every letter at once
     *[
         (q, wrong, why)
@@ -380,6 +455,8 @@ ROWS = [
             ch05.q7,
             ch06.q7,
             ch07.q10,
+            ch08.q7,
+            ch09.q7,
             ch10.q7,
             ch10.q8,
         )
@@ -409,10 +486,10 @@ def test_a_wrong_report_is_incorrect_and_says_why(q, answer, says):
     assert result.message and says in result.message, result
 
 
-def test_every_new_question_of_chapters_00_to_07_and_10_has_rows():
+def test_every_new_question_of_every_chapter_has_rows():
     listed = {id(q) for q, _, _ in ROWS}
-    mine = [(c, q) for c, q in CHOICES + EXPERIMENTS if c <= "ch07" or c == "ch10"]
-    assert len(mine) == 19 and all(id(q) in listed for _, q in mine)
+    mine = CHOICES + EXPERIMENTS
+    assert len(mine) == 23 and all(id(q) in listed for _, q in mine)
 
 
 # ---------------------------------------------------------------- the notebooks
