@@ -244,6 +244,12 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def _stored_numbers(module: nn.Module) -> int:
+    """Numbers in ``module``'s state dict (parameters, int8 buffers), each tensor once."""
+    tensors = {id(t): t for t in module.state_dict(keep_vars=True).values()}
+    return sum(t.numel() for t in tensors.values())
+
+
 class GPT(nn.Module):
     """A decoder-only transformer language model.
 
@@ -292,11 +298,8 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std)
 
     def set_dropout(self, p: float) -> None:
-        """Change the dropout probability of every layer (and ``config.dropout``) to ``p``.
-
-        Pretraining small models uses none; fine-tuning on a few thousand examples
-        overfits without it. Dropout only acts in training mode.
-        """
+        """Set every layer's dropout probability (and ``config.dropout``) to ``p``: for
+        fine-tuning, which overfits without it. Dropout only acts in training mode."""
         if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {p!r}")
         self.config.dropout = float(p)
@@ -430,15 +433,16 @@ class GPT(nn.Module):
     # ---------------------------------------------------------------- counting
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Number of parameters (a tied matrix counts once).
+        """Number of parameters (a tied matrix counts once; in an int8 copy made by
+        ``minigpt.quantize``, its int8 weights and their scales).
 
         With ``exclude_embeddings`` the token and position embeddings are left out
         (the "non-embedding" count N used in scaling laws); an untied output head
         is a matmul and stays in.
         """
-        n = sum(p.numel() for p in self.parameters())
+        n = _stored_numbers(self)
         if exclude_embeddings:
-            n -= self.wte.weight.numel()
+            n -= _stored_numbers(self.wte)
             if isinstance(self.wpe, LearnedPositionalEmbedding):
                 n -= self.wpe.weight.numel()
         return n
@@ -465,6 +469,8 @@ class GPT(nn.Module):
         """Write ``config.json`` and ``model.safetensors`` into ``directory`` (atomically)."""
         directory = Path(directory)
         state = self.state_dict()
+        if any(not t.dtype.is_floating_point for t in state.values()):  # minigpt.quantize
+            raise TypeError("int8 copies are not saved: save the float model, quantize after load")
         if self.config.tie_weights:
             state.pop("lm_head.weight")  # the same tensor as wte.weight
         save_tensors(state, directory / "model.safetensors", metadata={"format": "minigpt"})

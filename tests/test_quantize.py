@@ -336,3 +336,20 @@ def test_cli_sample_and_eval_with_int8(tmp_path, monkeypatch, capsys):
     assert [line[:3] for line in capsys.readouterr().out.splitlines()] == ["the", "the"]
     assert main(["eval", str(tmp_path / "run"), "--iters", "1", "--int8"]) == 0
     assert len(quantized) == 2 and "val loss" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_an_int8_copy_counts_its_weights_and_refuses_to_be_saved(tie, tmp_path):
+    model = tiny_gpt(tie_weights=tie)
+    qmodel = quantize(model)
+    # by hand: each quantized matrix keeps its numbers (int8) plus one scale per row
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    scales = sum(m.out_features for m in linears)
+    assert qmodel.num_parameters() == model.num_parameters() + scales
+    embedding_scales = model.config.vocab_size if tie else 0  # a tied table shares the head's
+    expected = model.num_parameters(exclude_embeddings=True) + scales - embedding_scales
+    assert qmodel.num_parameters(exclude_embeddings=True) == expected > 0
+    with pytest.raises(TypeError, match="save the float model"):
+        qmodel.save(tmp_path / "int8")
+    assert not (tmp_path / "int8").exists()
+    model.save(tmp_path / "fp32")  # the float model saves as before
