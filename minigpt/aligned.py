@@ -23,8 +23,6 @@ runs instead of waiting for them.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -42,7 +40,6 @@ from minigpt.align import (
     train_dpo,
 )
 from minigpt.assistant import ASSISTANT, assistant_model, evaluate_tasks, task_prompt
-from minigpt.data import cache_dir
 from minigpt.finetune import FinetuneConfig
 from minigpt.generate import Tokenizer
 from minigpt.model import GPT
@@ -58,7 +55,7 @@ from minigpt.preference import (
     task_preferences,
     train_reward_model,
 )
-from minigpt.pretrained import cached_model
+from minigpt.pretrained import cached_model, recipe_folder
 from minigpt.tasks import TaskExample, make_tasks
 from minigpt.tokenizer import CharTokenizer
 
@@ -271,9 +268,7 @@ def aligned_model(
 
 
 def _folder(cache: str | os.PathLike[str] | None, name: str, recipe: dict[str, Any]) -> Path:
-    text = json.dumps({"recipe": recipe, "assistant": ASSISTANT}, sort_keys=True)
-    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-    return Path(cache or cache_dir()) / "models" / f"{name.replace('_', '-')}-{digest}"
+    return recipe_folder(cache, name.replace("_", "-"), {"recipe": recipe, "assistant": ASSISTANT})
 
 
 def course_reward_model(

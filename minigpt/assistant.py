@@ -18,9 +18,7 @@ and on English-French pairs.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import os
 import random
 import time
@@ -30,12 +28,12 @@ from typing import Any
 
 import torch
 
-from minigpt.data import cache_dir, load_text
+from minigpt.data import load_text
 from minigpt.finetune import FinetuneConfig, History, init_new_tokens, train_instructions
 from minigpt.generate import Tokenizer, generate, same_length_rows
 from minigpt.instruct import InstructionCollator, InstructionExample, format_prompt
 from minigpt.model import GPT
-from minigpt.pretrained import ASSISTANT_BASE, assistant_base_model, cached_model
+from minigpt.pretrained import ASSISTANT_BASE, assistant_base_model, cached_model, recipe_folder
 from minigpt.tasks import FAMILIES, TaskExample, accuracy_by_family, make_tasks
 from minigpt.tokenizer import CharTokenizer
 from minigpt.translation import (
@@ -220,9 +218,7 @@ def _model_dir(
     """The cache folder, named by a hash of the recipe and of the training data itself
     (so a change to the task generator or the data file trains a new model)."""
     examples = [[e.instruction, e.input, e.output] for e in train]
-    text = json.dumps({"recipe": recipe, "train": examples}, sort_keys=True)
-    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-    return Path(cache or cache_dir()) / "models" / f"{name}-{digest}"
+    return recipe_folder(cache, name, {"recipe": recipe, "train": examples})
 
 
 def assistant_model(

@@ -27,21 +27,17 @@ this module trains a small two-layer GPT on text that does:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from minigpt.data import cache_dir
 from minigpt.generate import Tokenizer
 from minigpt.inspect import capture, induction_loss_drop, induction_score, repeated_random_tokens
 from minigpt.model import GPT, GPTConfig
-from minigpt.pretrained import cached_model, shakespeare_char_data
+from minigpt.pretrained import cached_model, recipe_folder, shakespeare_char_data
 from minigpt.tokenizer import CharTokenizer
 
 __all__ = [
@@ -173,9 +169,7 @@ def induction_model(
     the training record of ``train_copying_model``.
     """
     steps = INDUCTION["steps"] if steps is None else steps
-    text = json.dumps({**INDUCTION, "steps": steps, "seed": seed}, sort_keys=True)
-    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-    folder = Path(cache or cache_dir()) / "models" / f"induction-{digest}"
+    folder = recipe_folder(cache, "induction", {**INDUCTION, "steps": steps, "seed": seed})
     return cached_model(folder, lambda: train_copying_model(INDUCTION, steps=steps, seed=seed))
 
 

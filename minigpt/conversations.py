@@ -23,15 +23,12 @@ given the chat markers and tuned on conversations with ``CHAT``, cached by recip
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from torch import Tensor
@@ -39,11 +36,10 @@ from torch import Tensor
 from minigpt.assistant import ASSISTANT, assistant_model
 from minigpt.chat import ChatTemplate, Message, add_chat_tokens, chat, encode_chat
 from minigpt.classify import IGNORE_INDEX
-from minigpt.data import cache_dir
 from minigpt.finetune import FinetuneConfig, History, fit
 from minigpt.instruct import instruction_loss, pad_rows
 from minigpt.model import GPT
-from minigpt.pretrained import cached_model
+from minigpt.pretrained import cached_model, recipe_folder
 from minigpt.tasks import TaskExample, check, make_tasks, number_in_words
 from minigpt.tokenizer import CharTokenizer
 
@@ -295,16 +291,8 @@ def chat_model(
     ``ChatTemplate``, and ``{"history": {"step", "loss"}, "seconds": training time}``.
     """
     conversations = _chat_data(CHAT)
-    text = json.dumps(
-        {
-            "recipe": CHAT,
-            "assistant": ASSISTANT,
-            "train": [[(m.role, m.content) for m in c] for c in conversations],
-        },
-        sort_keys=True,
-    )
-    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-    folder = Path(cache or cache_dir()) / "models" / f"chat-{digest}"
+    train = [[(m.role, m.content) for m in c] for c in conversations]
+    folder = recipe_folder(cache, "chat", {"recipe": CHAT, "assistant": ASSISTANT, "train": train})
 
     def build() -> tuple[GPT, CharTokenizer, dict[str, Any]]:
         model, tokenizer, _ = assistant_model(cache)

@@ -38,6 +38,7 @@ __all__ = [
     "assistant_base_model",
     "cached_model",
     "from_pretrained",
+    "recipe_folder",
     "shakespeare_char_data",
     "shakespeare_char_history",
     "shakespeare_char_model",
@@ -255,11 +256,10 @@ def _recipe_tokenizer(recipe: dict[str, Any]) -> CharTokenizer | None:
     return CharTokenizer(recipe["alphabet"], unk_token=recipe["unk_token"])
 
 
-def _model_dir(
-    cache: str | os.PathLike[str] | None, name: str, recipe: dict[str, Any], steps: int, seed: int
-) -> Path:
-    text = json.dumps({**recipe, "steps": steps, "seed": seed}, sort_keys=True)
-    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+def recipe_folder(cache: str | os.PathLike[str] | None, name: str, recipe: Any) -> Path:
+    """``<cache>/models/<name>-<hash>``: the folder of a model trained by ``recipe`` (any
+    JSON-able description of everything that decides the weights), for ``cached_model``."""
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cache or cache_dir()) / "models" / f"{name}-{digest}"
 
 
@@ -306,7 +306,7 @@ def _cached_model(
 ) -> tuple[GPT, CharTokenizer, dict[str, Any]]:
     """Train ``recipe`` once into the cache and load it, with its history record."""
     steps = recipe["steps"] if steps is None else steps
-    folder = _model_dir(cache, name, recipe, steps, seed)
+    folder = recipe_folder(cache, name, {**recipe, "steps": steps, "seed": seed})
     return cached_model(
         folder,
         lambda: _train(folder, recipe, steps=steps, seed=seed, progress=progress),
