@@ -183,3 +183,22 @@ def test_lesson_text_holds_no_test_scaffolding(path: Path):
     assert not marked, f"cells {marked} use an nbval comment; tag them nbval-ignore-output"
     images = sum("image/png" in out.get("data", {}) for c in code for out in c.get("outputs", []))
     assert images >= 3, f"{path.name} shows {images} figures; a lesson needs at least 3"
+
+
+def test_exercise_explanations_quote_the_lessons_figures():
+    """ch08.q7's explanation quotes the RLHF runs of lesson 08: the figures it names must
+    be the ones the lesson shows (a re-trained run would otherwise leave them stale)."""
+    from minigpt.exercises import ch08
+
+    (path,) = LESSONS.glob("08_*.ipynb")
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    shown = "".join(
+        "".join(out["text"])
+        for cell in nb["cells"]
+        for out in cell.get("outputs", [])
+        if out["output_type"] == "stream"
+    )
+    quoted = re.findall(r"\d+\.\d+%?", " ".join(o.why for o in ch08.q7.options))
+    assert quoted, "ch08.q7 quotes no figure any more: drop this test"
+    missing = [q for q in quoted if q not in shown]
+    assert not missing, f"ch08.q7 quotes {missing}, which lesson 08 does not show"
