@@ -14,15 +14,9 @@ raises ``Incorrect("...")`` (or fails an ``assert``) when the answer is wrong
 (and may return a note that a correct verdict shows).
 
 Most questions ask for a function that matches a reference. Two other kinds ask
-for something a function cannot fake:
-
-- ``MultipleChoice``: a conceptual question; the answer is one letter, and every
-  option carries an explanation that the check shows for the letter chosen;
-- ``Experiment``: the learner runs something and reports the number (or a small dict
-  of numbers) it gave; the check recomputes it, seeded, and accepts it within a
-  stated tolerance. Its settings differ from the ones the lesson prints, and the
-  numbers a wrong setting gives (the lesson's, the training loss instead of the
-  validation loss, ...) are named when a learner reports one of them.
+for something a function cannot fake: ``MultipleChoice`` (a conceptual question, one
+letter, every option explained) and ``Experiment`` (a number the learner measures and
+the check measures again, which names the numbers a wrong setting gives).
 ``reference()`` returns a correct answer and ``wrong_answers()`` plausible wrong
 ones, so that tests can prove every check passes the right answer and rejects
 wrong ones (a check that cannot fail is a defect).
