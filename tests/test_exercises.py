@@ -123,12 +123,12 @@ def test_stored_notebooks_report_as_expected(chapter):
 
 def test_ch07_sort_checker_uses_words_the_tasks_never_use(data_dir):
     """q7's instructions cannot be looked up in make_tasks output."""
-    from minigpt.exercises import ch07
+    from minigpt.exercises import ch07_tasks
     from minigpt.tasks import task_words
 
-    words = {w for _, sorted_words in ch07._SORT_CASES for w in sorted_words}
+    words = {w for _, sorted_words in ch07_tasks._SORT_CASES for w in sorted_words}
     assert words and not words & set(task_words())
-    for _, sorted_words in ch07._SORT_CASES:
+    for _, sorted_words in ch07_tasks._SORT_CASES:
         assert 2 <= len(sorted_words) <= 5 and list(sorted_words) == sorted(sorted_words)
 
 
