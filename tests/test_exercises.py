@@ -32,9 +32,31 @@ def _questions(chapter: str) -> list[Question]:
 
 ALL = [(ch, q) for ch in CHAPTERS for q in _questions(ch)]
 
+# a group of a chapter's questions in a module of its own (ch05_backprop: q8, q9)
+PARTS = sorted(
+    m.name
+    for m in pkgutil.iter_modules(minigpt.exercises.__path__)
+    if re.fullmatch(r"ch\d\d_\w+", m.name)
+)
+
 
 def test_there_are_chapters():
     assert "ch00" in CHAPTERS
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_a_chapters_part_is_read_through_the_chapter(part):
+    """``ch05.q8`` is ``ch05_backprop.q8``: the chapter module lists every name of its part
+    in ``__all__`` and holds the very same object, so a notebook reads one question."""
+    mod = importlib.import_module(f"minigpt.exercises.{part}")
+    chapter = importlib.import_module(f"minigpt.exercises.{part[:4]}")
+    mine = [n for n in sorted(vars(mod)) if isinstance(getattr(mod, n), Question)]
+    assert mine and sorted(mine) == sorted(n for n in mod.__all__ if n.startswith("q"))
+    for name in mod.__all__:
+        assert name in chapter.__all__, f"add {name!r} to {chapter.__name__}.__all__"
+        assert getattr(chapter, name, None) is getattr(mod, name), (
+            f"{chapter.__name__}.{name} must be {part}.{name}: import it from {part}"
+        )
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS)
@@ -123,12 +145,12 @@ def test_stored_notebooks_report_as_expected(chapter):
 
 def test_ch07_sort_checker_uses_words_the_tasks_never_use(data_dir):
     """q7's instructions cannot be looked up in make_tasks output."""
-    from minigpt.exercises import ch07
+    from minigpt.exercises import ch07_tasks
     from minigpt.tasks import task_words
 
-    words = {w for _, sorted_words in ch07._SORT_CASES for w in sorted_words}
+    words = {w for _, sorted_words in ch07_tasks._SORT_CASES for w in sorted_words}
     assert words and not words & set(task_words())
-    for _, sorted_words in ch07._SORT_CASES:
+    for _, sorted_words in ch07_tasks._SORT_CASES:
         assert 2 <= len(sorted_words) <= 5 and list(sorted_words) == sorted(sorted_words)
 
 

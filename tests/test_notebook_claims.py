@@ -36,6 +36,18 @@ def stored_stdout(chapter: str, cell_id: str) -> str:
     raise KeyError(f"{path.name} has no cell {cell_id!r}")
 
 
+def lesson_stream(chapter: str) -> str:
+    """Every stream output (stdout and stderr) that a lesson stored, joined."""
+    (path,) = LESSONS.glob(f"{chapter}_*.ipynb")
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    return "".join(
+        "".join(out["text"])
+        for cell in nb["cells"]
+        for out in cell.get("outputs", [])
+        if out["output_type"] == "stream"
+    )
+
+
 def figures(text: str, pattern: str) -> list[tuple[float, ...]]:
     """Every match of ``pattern`` in ``text``, its groups as floats; at least one match."""
     found = [m.groups() for m in re.finditer(pattern, text)]
@@ -190,15 +202,181 @@ def test_exercise_explanations_quote_the_lessons_figures():
     be the ones the lesson shows (a re-trained run would otherwise leave them stale)."""
     from minigpt.exercises import ch08
 
-    (path,) = LESSONS.glob("08_*.ipynb")
-    nb = json.loads(path.read_text(encoding="utf-8"))
-    shown = "".join(
-        "".join(out["text"])
-        for cell in nb["cells"]
-        for out in cell.get("outputs", [])
-        if out["output_type"] == "stream"
-    )
+    shown = lesson_stream("08")
     quoted = re.findall(r"\d+\.\d+%?", " ".join(o.why for o in ch08.q7.options))
     assert quoted, "ch08.q7 quotes no figure any more: drop this test"
     missing = [q for q in quoted if q not in shown]
     assert not missing, f"ch08.q7 quotes {missing}, which lesson 08 does not show"
+
+
+# ---------------------------------------------------------------- experiments' lesson decoys
+
+# Every Experiment decoy that is a lesson's figure copied by hand into minigpt/exercises:
+# (chapter, question, the decoy's name, {key: (where the lesson prints it, how)}). The
+# pattern's one group is the figure as the lesson's stored output shows it, and must match
+# that output once; "how" formats the decoy's number the way the lesson prints it.
+Shown = dict[str, tuple[str, str | Callable[[float], str]]]
+LESSON_DECOYS: list[tuple[str, str, str, Shown]] = [
+    (
+        "00",
+        "q7",
+        "the lesson's loss with all of the training text",
+        {"train": (r"train NLL: +(\S+)", ".4f"), "val": (r"validation NLL: +(\S+)", ".4f")},
+    ),
+    (
+        "01",
+        "q7",
+        "the lesson's number for a vocabulary of 600 trained on all the training text",
+        {"heldout": (r"vocab +600: (\S+) bytes per token", ".2f")},
+    ),
+    (
+        "01",
+        "q7",
+        "the lesson's number for a vocabulary of 400",
+        {"heldout": (r"vocab +400: (\S+) bytes per token", ".2f")},
+    ),
+    (
+        "02",
+        "q6",
+        "the lesson's cosine with 1,500 words and D = 64",
+        {
+            "my/thy": (r"cos\(my, thy\) = (\S+)", ".2f"),
+            "king/sword": (r"cos\(king, sword\) = (\S+)", ".2f"),
+        },
+    ),
+    (
+        "03",
+        "q6",
+        "the lesson's number for d = 16 with 8 keys",
+        {"raw": (r"(?m)^ +16 .* (\S+) → \S+$", ".2f"), "scaled": (r"(?m)^ +16 .* → (\S+)$", ".2f")},
+    ),
+    (
+        "03",
+        "q6",
+        "the lesson's number for d = 64 with 8 keys",
+        {"raw": (r"(?m)^ +64 .* (\S+) → \S+$", ".2f"), "scaled": (r"(?m)^ +64 .* → (\S+)$", ".2f")},
+    ),
+    (
+        "04",
+        "q6",
+        "GPT-2 small's count from the lesson",  # the column of counted parameters
+        {
+            "tied": (r"(?m)^gpt2 +[\d,]+ +([\d,]+) ", ","),
+            "untied": (r"(?m)^gpt2 +[\d,]+ +([\d,]+) ", ","),
+        },
+    ),
+    ("05", "q6", "the lesson's initial loss", {"loss": (r"initial loss (\S+),", ".3f")}),
+    (
+        "05",
+        "q6",
+        "the lesson's gradient norm of the token embedding",
+        {"grad_norm": (r"wte\.weight .* grad norm (\S+)", ".4f")},
+    ),
+    (
+        "07",
+        "q9",
+        "the share of kept targets in the lesson's toy batch (3 of 8)",
+        # of the toy batch's 2 x 4 targets, the lesson prints how many the loss keeps
+        {"": (r"loss over the (\d+) kept positions", lambda share: f"{share * 8:g}")},
+    ),
+    (
+        "09",
+        "q6",
+        "the lesson's number for its name-line probe after block 1",
+        {  # one accuracy per layer: emb, block 0, block 1, ...
+            "probe": (r"in a name line: (?:\S+, ){2}(\S+),", ".1%"),
+            "shuffled": (r"shuffled: (?:\S+, ){2}(\S+),", ".1%"),
+            "majority": (r"majority: (\S+)", ".1%"),
+        },
+    ),
+    (
+        "10",
+        "q6",
+        "the lesson's number for the course model",
+        {
+            "plain": (r"B = +6, T = 128: activations .* = (\S+) bytes per token", ",.0f"),
+            # per token; the lesson prints the megabytes of its batch of 6 x 128 tokens
+            "checkpointed": (r"checkpointed (\S+) MB \(", lambda b: f"{b * 6 * 128 / 1e6:.2f}"),
+        },
+    ),
+]
+# decoys that name the lesson but are computed here, from the lesson's inputs: they
+# cannot go stale when a lesson is re-executed
+COMPUTED_LESSON_DECOYS = {
+    ("06", "q6", "the entropy of the lesson's four-logit example, not of these 65 logits"),
+}
+
+
+def lesson_figure_mismatches(
+    decoy: float | dict[str, float],
+    shown: Shown,
+    out: str,
+) -> list[str]:
+    """What differs between a decoy's numbers and the figures ``out`` shows (none: [])."""
+    values = decoy if isinstance(decoy, dict) else {"": decoy}
+    if sorted(values) != sorted(shown):
+        return [f"the decoy has the keys {sorted(values)}, the table {sorted(shown)}"]
+    wrong = []
+    for key, (pattern, how) in shown.items():
+        found = [m.group(1) for m in re.finditer(pattern, out)]
+        if len(found) != 1:
+            wrong.append(f"{pattern!r} matches the lesson's output {len(found)} times, not once")
+            continue
+        printed = how(values[key]) if callable(how) else format(values[key], how)
+        if printed != found[0]:
+            wrong.append(
+                f"{key or 'the number'}: the decoy prints as {printed}, the lesson {found[0]}"
+            )
+    return wrong
+
+
+def _experiment(chapter: str, question: str):
+    import importlib
+
+    return getattr(importlib.import_module(f"minigpt.exercises.ch{chapter}"), question)
+
+
+@pytest.mark.parametrize(
+    ("chapter", "question", "decoy", "shown"),
+    LESSON_DECOYS,
+    ids=[f"ch{c}.{q}: {d}" for c, q, d, _ in LESSON_DECOYS],
+)
+def test_experiment_decoys_quote_the_lessons_figures(chapter, question, decoy, shown):
+    """A decoy that names the lesson's figure is the figure the lesson's stored output
+    shows: a re-executed lesson would otherwise leave the check quoting a stale number."""
+    decoys = _experiment(chapter, question).decoys()
+    assert decoy in decoys, f"ch{chapter}.{question} has no decoy {decoy!r}: update LESSON_DECOYS"
+    wrong = lesson_figure_mismatches(decoys[decoy], shown, lesson_stream(chapter))
+    assert not wrong, f"ch{chapter}.{question}, {decoy!r}: " + "; ".join(wrong)
+
+
+def test_every_lesson_decoy_is_checked():
+    """An experiment's decoy that names the lesson is in LESSON_DECOYS (or is computed)."""
+    from minigpt.exercises.core import Experiment
+    from tests.test_exercises import ALL
+
+    checked = {(c, q, d) for c, q, d, _ in LESSON_DECOYS} | COMPUTED_LESSON_DECOYS
+    named = {
+        (chapter[2:], q.name, what)
+        for chapter, q in ALL
+        if isinstance(q, Experiment)
+        for what in q.decoys()
+        if "lesson" in what
+    }
+    assert named - checked == set(), "add these decoys to LESSON_DECOYS in this file"
+    assert checked - named == set(), "these decoys are gone: drop them from this file"
+
+
+def test_a_stale_lesson_decoy_is_caught():
+    out = "train NLL:      2.4546\nvalidation NLL: 2.4819\n"
+    shown = LESSON_DECOYS[0][3]
+    assert lesson_figure_mismatches({"train": 2.4546, "val": 2.4819}, shown, out) == []
+    assert lesson_figure_mismatches({"train": 2.4546, "val": 2.48}, shown, out) == [
+        "val: the decoy prints as 2.4800, the lesson 2.4819"
+    ]
+    assert (
+        "matches the lesson's output 0 times"
+        in lesson_figure_mismatches(
+            {"train": 2.4546, "val": 2.4819}, shown, "validation NLL: 2.4819\n"
+        )[0]
+    )

@@ -19,7 +19,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-from minigpt.exercises.core import Incorrect
+from minigpt.exercises.question import Incorrect
 
 __all__ = ["BACKWARD_PASS", "Shortcut", "forbid"]
 
