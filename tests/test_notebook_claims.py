@@ -11,6 +11,7 @@ not tagged ``nbval-ignore-output``, so those figures cannot drift from the code.
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from collections.abc import Callable
@@ -197,16 +198,29 @@ def test_lesson_text_holds_no_test_scaffolding(path: Path):
     assert images >= 3, f"{path.name} shows {images} figures; a lesson needs at least 3"
 
 
-def test_exercise_explanations_quote_the_lessons_figures():
-    """ch08.q7's explanation quotes the RLHF runs of lesson 08: the figures it names must
-    be the ones the lesson shows (a re-trained run would otherwise leave them stale)."""
-    from minigpt.exercises import ch08
+# Multiple-choice explanations that quote a lesson's figure, copied by hand:
+# (chapter module, question, the lesson that shows it, the figures as quoted).
+QUOTED_FIGURES = [
+    ("ch05", "q7", "00", ["3.347"]),  # the unigram loss of chapter 00
+    ("ch08", "q7", "08", ["3.77", "2.11", "46.1%", "59.4%", "76.7%"]),  # the RLHF runs
+    ("ch09", "q7", "09", ["97.1%", "90.6%"]),  # the probe on the embeddings, the majority
+    ("ch10", "q7", "10", ["9.5%"]),  # the gradients below fp16's smallest normal number
+]
 
-    shown = lesson_stream("08")
-    quoted = re.findall(r"\d+\.\d+%?", " ".join(o.why for o in ch08.q7.options))
-    assert quoted, "ch08.q7 quotes no figure any more: drop this test"
-    missing = [q for q in quoted if q not in shown]
-    assert not missing, f"ch08.q7 quotes {missing}, which lesson 08 does not show"
+
+@pytest.mark.parametrize(("chapter", "question", "lesson", "quoted"), QUOTED_FIGURES)
+def test_exercise_explanations_quote_the_lessons_figures(chapter, question, lesson, quoted):
+    """A multiple-choice explanation that quotes a lesson's figure quotes the one the
+    lesson shows (a re-executed lesson would otherwise leave it stale)."""
+    q = getattr(importlib.import_module(f"minigpt.exercises.{chapter}"), question)
+    text = " ".join(o.why for o in q.options)
+    gone = [f for f in quoted if f not in text]
+    assert not gone, f"{chapter}.{question} no longer quotes {gone}: update QUOTED_FIGURES"
+    shown = lesson_stream(lesson)
+    missing = [f for f in quoted if f not in shown]
+    assert not missing, (
+        f"{chapter}.{question} quotes {missing}, which lesson {lesson} does not show"
+    )
 
 
 # ---------------------------------------------------------------- experiments' lesson decoys

@@ -319,7 +319,7 @@ lesson's 4.209, and the loss at the first step of your run). Why is that the los
         Option(
             "The initialisation gives the model the character frequencies of the text.",
             "The weights are drawn at random, before any text is read; knowing the "
-            "frequencies would give the unigram loss (3.35 in chapter 00), not ln 65.",
+            "frequencies would give the unigram loss (3.347 in chapter 00), not ln 65.",
         ),
     )
     answer = "c"
