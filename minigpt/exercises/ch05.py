@@ -265,18 +265,11 @@ run = {{"grad_norm": grad_norm, "loss": final_loss}}
         """The experiment's batch: inputs and targets, both (8, 32) int64."""
         return _shakespeare_batch()
 
-    def _run(self) -> dict[str, float]:
-        cached = self.__dict__.get("_all")
-        if cached is None:
-            cached = self.__dict__["_all"] = _short_run(*self.batch())
-        return cached
-
-    def measure(self):
-        run = self._run()
-        return {"grad_norm": run["grad_norm"], "loss": run["loss"]}
+    def run_experiment(self) -> dict[str, float]:
+        return _short_run(*self.batch())
 
     def decoys(self):
-        run = self._run()
+        run = self.record()
         return {
             "the loss before training (about ln 65)": {"loss": run["initial"]},
             "ln 65, the uniform model's loss": {"loss": math.log(65)},

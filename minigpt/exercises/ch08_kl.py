@@ -163,18 +163,11 @@ kl_estimates = {"k1": k1.mean().item(), "k3": k3.mean().item(),
                 "negative": (k1 < 0).float().mean().item()}
 """
 
-    def _run(self) -> dict:
-        cached = self.__dict__.get("_all")
-        if cached is None:
-            cached = self.__dict__["_all"] = _kl_estimates()
-        return cached
-
-    def measure(self):
-        run = self._run()
-        return {k: run[k] for k in self.keys}
+    def run_experiment(self) -> dict[str, float]:
+        return _kl_estimates()
 
     def decoys(self):
-        run = self._run()
+        run = self.record()
         flipped, from_ref = run["flipped"], run["from_ref"]
         return {
             "the exact KL(policy || ref), not the estimate from the 50 samples": {

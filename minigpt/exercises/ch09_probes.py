@@ -155,18 +155,11 @@ probe_numbers = {
 }
 """
 
-    def _run(self) -> dict[str, float]:
-        cached = self.__dict__.get("_all")
-        if cached is None:
-            cached = self.__dict__["_all"] = _probe_run()
-        return cached
-
-    def measure(self):
-        run = self._run()
-        return {k: run[k] for k in self.keys}
+    def run_experiment(self) -> dict[str, float]:
+        return _probe_run()
 
     def decoys(self):
-        run = self._run()
+        run = self.record()
         return {
             "the lesson's number for its name-line probe after block 1": {
                 "probe": _LESSON_PROBE,

@@ -216,18 +216,11 @@ kept = 6 * 4 * 64 * 48 * 4  # the block inputs checkpoint keeps, float32
 activation_bytes = {"plain": plain / (4 * 64), "checkpointed": (ckpt + kept) / (4 * 64)}
 """
 
-    def _run(self) -> dict[str, float]:
-        cached = self.__dict__.get("_all")
-        if cached is None:
-            cached = self.__dict__["_all"] = _activation_bytes()
-        return cached
-
-    def measure(self):
-        run = self._run()
-        return {"plain": run["plain"], "checkpointed": run["checkpointed"]}
+    def run_experiment(self) -> dict[str, float]:
+        return _activation_bytes()
 
     def decoys(self):
-        run = self._run()
+        run = self.record()
         per_row = run["per_row_tokens"]
         return {
             "the lesson's number for the course model": {

@@ -158,9 +158,23 @@ class Experiment(Question):
     integer: ClassVar[bool] = False
     trivial: ClassVar[tuple[float, ...]] = (0.0, 1.0)
 
-    def measure(self) -> float | dict[str, float]:  # pragma: no cover - overridden
-        """Run the experiment; the number, or ``{key: number}`` for every key."""
-        raise NotImplementedError
+    def measure(self) -> float | dict[str, float]:
+        """Run the experiment; the number, or ``{key: number}`` for every key. By default
+        the ``keys`` of ``record()``, for an experiment that defines ``run_experiment``."""
+        return {k: self.record()[k] for k in self.keys}
+
+    def run_experiment(self) -> dict[str, float]:  # pragma: no cover - overridden
+        """One run that measures every figure at once (the ``keys`` and what the decoys need)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} defines neither measure nor run_experiment"
+        )
+
+    def record(self) -> dict[str, float]:
+        """``run_experiment()``'s figures, computed on the first call and kept."""
+        cached = self.__dict__.get("_record")
+        if cached is None:
+            cached = self.__dict__["_record"] = self.run_experiment()
+        return cached
 
     def decoys(self) -> dict[str, float | dict[str, float]]:
         """What a wrong setting gives: ``{"what it is": number or {key: number}}``."""
