@@ -9,14 +9,21 @@ Each test process (and each notebook kernel it starts) uses one CPU thread:
 multi-threaded PyTorch processes fighting over two cores run many times slower
 than two single-threaded ones. Notebooks are stored by tools/execute_notebooks.py
 with the same setting, so their numbers are computed the same way.
+
+Cells tagged ``cpu-dependent`` are compared in full only on the CPU the stored
+outputs were made on, and by the kinds of their outputs elsewhere: see
+tools/nbval_cpu.py, loaded here as a plugin.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO / "tools"))
+pytest_plugins = ["nbval_cpu"]
 
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")

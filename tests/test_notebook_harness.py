@@ -4,6 +4,7 @@ compares outputs (a changed stored output fails; sanitized timings do not)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -110,3 +111,77 @@ def test_nbval_fails_when_a_stored_output_changes(tmp_path: Path):
     result = _run_nbval(bad)
     assert result.returncode != 0, "nbval accepted a changed output"
     assert "43" in result.stdout
+
+
+# --------------------------------------------------------------------------- cells whose outputs depend on the CPU
+
+sys.path.insert(0, str(REPO / "tools"))
+import nbval_cpu  # noqa: E402
+
+INTEL_AMX = "vendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R)\nflags\t\t: fpu avx512f amx_tile amx_bf16\n"
+INTEL_OLD = "vendor_id\t: GenuineIntel\nflags\t\t: fpu avx2 avx512f\n"
+AMD = "vendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
+
+
+def test_reference_cpu_is_an_intel_with_amx(monkeypatch):
+    monkeypatch.delenv("MINIGPT_REFERENCE_CPU", raising=False)
+    assert nbval_cpu.is_reference_cpu(INTEL_AMX)
+    assert not nbval_cpu.is_reference_cpu(INTEL_OLD)
+    assert not nbval_cpu.is_reference_cpu(AMD)
+    assert not nbval_cpu.is_reference_cpu("")  # no /proc/cpuinfo (a Mac)
+    monkeypatch.setenv("MINIGPT_REFERENCE_CPU", "1")
+    assert nbval_cpu.is_reference_cpu(AMD)
+    monkeypatch.setenv("MINIGPT_REFERENCE_CPU", "0")
+    assert not nbval_cpu.is_reference_cpu(INTEL_AMX)
+
+
+def _tagged(path: Path, index: int) -> Path:
+    nb = nbformat.read(path, as_version=4)
+    nb.cells[index].metadata["tags"] = [nbval_cpu.TAG]
+    nbformat.write(nb, path)
+    return path
+
+
+def _run_nbval_cpu(path: Path, reference: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MINIGPT_REFERENCE_CPU": reference}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tools"), env.get("PYTHONPATH", "")])
+    args = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "nbval_cpu"]
+    args += ["--nbval", "--nbval-current-env", "-o", "addopts=", str(path)]
+    return subprocess.run(
+        args, capture_output=True, text=True, cwd=path.parent, env=env, timeout=300
+    )
+
+
+def test_a_cpu_dependent_cell_is_compared_in_full_on_the_reference_cpu_only(tmp_path: Path):
+    # the stored text differs from what the cell prints: a fail on the reference CPU,
+    # a pass elsewhere (same kind of output: one stdout stream)
+    path = _tagged(_notebook(tmp_path, [("print(6 * 7)", "43\n")]), 0)
+    result = _run_nbval_cpu(path, "1")
+    assert result.returncode != 0, "the reference CPU accepted a changed output"
+    assert "compared in full" in result.stdout
+    result = _run_nbval_cpu(path, "0")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "compared by kind only" in result.stdout
+
+
+def test_a_cpu_dependent_cell_still_fails_on_another_kind_of_output(tmp_path: Path):
+    # the cell now also warns on stderr (a stream the stored output lacks)
+    src = "import sys; print(6 * 7); print('a new warning', file=sys.stderr)"
+    path = _tagged(_notebook(tmp_path, [(src, "42\n")]), 0)
+    assert _run_nbval_cpu(path, "0").returncode != 0, "a new stderr stream was accepted"
+    # an untagged cell is compared in full on any CPU
+    path = _notebook(tmp_path, [("print(6 * 7)", "43\n")])
+    assert _run_nbval_cpu(path, "0").returncode != 0, "an untagged cell was compared by kind"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_rel)
+def test_cpu_dependent_tags_mark_lesson_cells_with_outputs(path: Path):
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    for cell in nb["cells"]:
+        tags = cell.get("metadata", {}).get("tags", [])
+        if nbval_cpu.TAG not in tags:
+            continue
+        where = f"{_rel(path)} cell {cell.get('id')}"
+        assert path.parent.name == "notebooks", f"{where}: exercises run the same on every CPU"
+        assert cell["cell_type"] == "code" and cell["outputs"], f"{where}: nothing to compare"
+        assert "nbval-ignore-output" not in tags, f"{where}: ignored already"
