@@ -118,32 +118,37 @@ def test_nbval_fails_when_a_stored_output_changes(tmp_path: Path):
 sys.path.insert(0, str(REPO / "tools"))
 import nbval_cpu  # noqa: E402
 
-INTEL_AMX = "vendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R)\nflags\t\t: fpu avx512f amx_tile amx_bf16\n"
+INTEL_AMX = "vendor_id\t: GenuineIntel\nflags\t\t: fpu avx2 avx512f amx_tile amx_bf16\n"
 INTEL_OLD = "vendor_id\t: GenuineIntel\nflags\t\t: fpu avx2 avx512f\n"
 AMD = "vendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
 
 
-def test_reference_cpu_is_an_intel_with_amx(monkeypatch):
+def test_cpu_kind_is_vendor_and_widest_matrix_instructions(monkeypatch):
+    assert nbval_cpu.cpu_kind(INTEL_AMX) == "intel-amx"
+    assert nbval_cpu.cpu_kind(INTEL_OLD) == "intel-avx512"
+    assert nbval_cpu.cpu_kind(AMD) == "amd-avx512"
+    assert nbval_cpu.cpu_kind("") == "other"  # no /proc/cpuinfo (a Mac)
     monkeypatch.delenv("MINIGPT_REFERENCE_CPU", raising=False)
-    assert nbval_cpu.is_reference_cpu(INTEL_AMX)
-    assert not nbval_cpu.is_reference_cpu(INTEL_OLD)
-    assert not nbval_cpu.is_reference_cpu(AMD)
-    assert not nbval_cpu.is_reference_cpu("")  # no /proc/cpuinfo (a Mac)
+    here = nbval_cpu.cpu_kind()
+    assert nbval_cpu.same_kind({"minigpt": {"cpu": here}})
+    assert not nbval_cpu.same_kind({"minigpt": {"cpu": "elsewhere"}})
+    assert nbval_cpu.stored_kind({}) == nbval_cpu.DEFAULT_KIND  # the notebooks before the record
     monkeypatch.setenv("MINIGPT_REFERENCE_CPU", "1")
-    assert nbval_cpu.is_reference_cpu(AMD)
+    assert nbval_cpu.same_kind({"minigpt": {"cpu": "elsewhere"}})
     monkeypatch.setenv("MINIGPT_REFERENCE_CPU", "0")
-    assert not nbval_cpu.is_reference_cpu(INTEL_AMX)
+    assert not nbval_cpu.same_kind({"minigpt": {"cpu": here}})
 
 
-def _tagged(path: Path, index: int) -> Path:
+def _tagged(path: Path, index: int, cpu: str) -> Path:
     nb = nbformat.read(path, as_version=4)
     nb.cells[index].metadata["tags"] = [nbval_cpu.TAG]
+    nb.metadata["minigpt"] = {"cpu": cpu}
     nbformat.write(nb, path)
     return path
 
 
-def _run_nbval_cpu(path: Path, reference: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "MINIGPT_REFERENCE_CPU": reference}
+def _run_nbval_cpu(path: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "MINIGPT_REFERENCE_CPU"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tools"), env.get("PYTHONPATH", "")])
     args = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "nbval_cpu"]
     args += ["--nbval", "--nbval-current-env", "-o", "addopts=", str(path)]
@@ -152,26 +157,27 @@ def _run_nbval_cpu(path: Path, reference: str) -> subprocess.CompletedProcess[st
     )
 
 
-def test_a_cpu_dependent_cell_is_compared_in_full_on_the_reference_cpu_only(tmp_path: Path):
-    # the stored text differs from what the cell prints: a fail on the reference CPU,
-    # a pass elsewhere (same kind of output: one stdout stream)
-    path = _tagged(_notebook(tmp_path, [("print(6 * 7)", "43\n")]), 0)
-    result = _run_nbval_cpu(path, "1")
-    assert result.returncode != 0, "the reference CPU accepted a changed output"
-    assert "compared in full" in result.stdout
-    result = _run_nbval_cpu(path, "0")
+def test_a_cpu_dependent_cell_is_compared_in_full_on_its_kind_of_cpu_only(tmp_path: Path):
+    # the stored text differs from what the cell prints: a fail where the notebook was
+    # executed on this kind of CPU, a pass elsewhere (same kind of output: one stdout)
+    here = nbval_cpu.cpu_kind()
+    path = _tagged(_notebook(tmp_path, [("print(6 * 7)", "43\n")]), 0, here)
+    result = _run_nbval_cpu(path)
+    assert result.returncode != 0, "a changed output was accepted on the notebook's CPU"
+    assert f"this kind of CPU ({here}" in result.stdout
+    path = _tagged(path, 0, "elsewhere")
+    result = _run_nbval_cpu(path)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "compared by kind only" in result.stdout
 
 
 def test_a_cpu_dependent_cell_still_fails_on_another_kind_of_output(tmp_path: Path):
     # the cell now also warns on stderr (a stream the stored output lacks)
     src = "import sys; print(6 * 7); print('a new warning', file=sys.stderr)"
-    path = _tagged(_notebook(tmp_path, [(src, "42\n")]), 0)
-    assert _run_nbval_cpu(path, "0").returncode != 0, "a new stderr stream was accepted"
+    path = _tagged(_notebook(tmp_path, [(src, "42\n")]), 0, "elsewhere")
+    assert _run_nbval_cpu(path).returncode != 0, "a new stderr stream was accepted"
     # an untagged cell is compared in full on any CPU
     path = _notebook(tmp_path, [("print(6 * 7)", "43\n")])
-    assert _run_nbval_cpu(path, "0").returncode != 0, "an untagged cell was compared by kind"
+    assert _run_nbval_cpu(path).returncode != 0, "an untagged cell was compared by kind"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_rel)

@@ -5,7 +5,8 @@
 Each notebook is formatted with ruff first, then run with its own folder as the
 working directory (as JupyterLab and nbval do), and written back only if every
 cell succeeded. Widget state is stored, so a static viewer shows each widget as it
-was left (a widget's first picture). This is the only
+was left (a widget's first picture), and so is the kind of CPU that computed the
+outputs (see tools/nbval_cpu.py). This is the only
 way notebooks should be stored: nbval compares the tests' run with these outputs.
 """
 
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
+from nbval_cpu import cpu_kind
 
 
 def execute(path: Path, timeout: int = 1200) -> float:
@@ -48,6 +50,8 @@ def execute(path: Path, timeout: int = 1200) -> float:
         "name": "python3",
     }
     nb.metadata["language_info"] = {"name": "python"}
+    # outputs of cells tagged cpu-dependent are compared in full on this kind of CPU only
+    nb.metadata["minigpt"] = {"cpu": cpu_kind()}
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
     nbformat.write(nb, path)

@@ -1,7 +1,8 @@
 """A pytest plugin for nbval: cells whose outputs depend on the CPU.
 
-The stored outputs of the lessons were computed on one kind of CPU (the reference:
-an Intel Xeon with AMX, Sapphire Rapids or later). On another CPU, MKL's matrix
+A notebook's stored outputs were computed on one kind of CPU, recorded in its
+metadata (``minigpt.cpu``, written by tools/execute_notebooks.py; a notebook without
+the record was executed on an Intel Xeon with AMX). On another kind, MKL's matrix
 products round their last bits differently (it picks its kernels by vendor and
 instruction set, and only its slow SSE2 branch is reproducible across vendors), and
 training amplifies those bits: on an AMD EPYC the same seeds give other trained
@@ -9,12 +10,13 @@ models, and the fine-tuned assistant of chapters 07-08 answers 53.9% of the held
 tasks instead of 76.7%.
 
 So a code cell tagged ``cpu-dependent`` (cell metadata, invisible in the lesson) is
-compared in full on the reference CPU, like every other cell, and elsewhere only by
-the kinds of output it makes: the same streams (stdout, stderr) and the same
-display types, with their text not compared. It still has to run without an error,
-and a new warning or a missing figure still fails it. Every untagged cell is
-compared in full everywhere. ``MINIGPT_REFERENCE_CPU=1`` (or ``0``) overrides the
-detection, for example to see on another CPU what would differ.
+compared in full on the kind of CPU its notebook was executed on, like every other
+cell, and elsewhere only by the kinds of output it makes: the same streams (stdout,
+stderr) and the same display types, with their text not compared. It still has to
+run without an error, and a new warning or a missing figure still fails it. Every
+untagged cell is compared in full everywhere. ``MINIGPT_REFERENCE_CPU=1`` (or ``0``)
+says that this CPU is (or is not) the notebooks' kind, for example to see on another
+CPU everything that would differ.
 
 The root conftest.py loads this plugin; ``pytest -p nbval_cpu`` (with ``tools`` on
 ``PYTHONPATH``) loads it anywhere else.
@@ -30,30 +32,43 @@ from typing import Any
 from nbformat import NotebookNode
 
 TAG = "cpu-dependent"
-REFERENCE = "an Intel Xeon with AMX (Sapphire Rapids or later)"
+# the kind of CPU of a notebook that does not record one (they all came from there)
+DEFAULT_KIND = "intel-amx"
 _CPUINFO = Path("/proc/cpuinfo")
+_VENDORS = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}
+_ISA = (("amx_tile", "amx"), ("avx512f", "avx512"), ("avx2", "avx2"))  # widest first
 
 
-def is_reference_cpu(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU computes the lessons' stored outputs bit for bit.
+def _cpuinfo() -> str:
+    return _CPUINFO.read_text(errors="replace") if _CPUINFO.is_file() else ""
 
-    ``cpuinfo`` is the text of ``/proc/cpuinfo`` (read when None; a machine without
-    one, such as a Mac, is not the reference). ``MINIGPT_REFERENCE_CPU`` set to ``1`` or
-    ``0`` decides instead.
-    """
+
+def cpu_kind(cpuinfo: str | None = None) -> str:
+    """The kind of CPU, as far as the bits of MKL's and PyTorch's kernels go: vendor and
+    widest matrix instructions, e.g. ``"intel-amx"`` or ``"amd-avx512"`` (``"other"``
+    without an x86 ``/proc/cpuinfo``, such as on a Mac). ``cpuinfo`` is the text of
+    ``/proc/cpuinfo``, read when None."""
+    text = _cpuinfo() if cpuinfo is None else cpuinfo
+    vendor = re.search(r"^vendor_id\s*:\s*(\S+)", text, re.MULTILINE)
+    flags = re.search(r"^flags\s*:(.*)$", text, re.MULTILINE)
+    if vendor is None or flags is None or vendor.group(1) not in _VENDORS:
+        return "other"
+    have = set(flags.group(1).split())
+    isa = next((isa for flag, isa in _ISA if flag in have), "sse")
+    return f"{_VENDORS[vendor.group(1)]}-{isa}"
+
+
+def stored_kind(notebook_metadata: Any) -> str:
+    """The kind of CPU a notebook's stored outputs were computed on."""
+    return str(notebook_metadata.get("minigpt", {}).get("cpu", DEFAULT_KIND))
+
+
+def same_kind(notebook_metadata: Any) -> bool:
+    """Whether this CPU computes the notebook's stored outputs bit for bit."""
     override = os.environ.get("MINIGPT_REFERENCE_CPU", "").strip()
     if override in ("0", "1"):
         return override == "1"
-    if cpuinfo is None:
-        cpuinfo = _CPUINFO.read_text(errors="replace") if _CPUINFO.is_file() else ""
-    vendor = re.search(r"^vendor_id\s*:\s*(\S+)", cpuinfo, re.MULTILINE)
-    flags = re.search(r"^flags\s*:(.*)$", cpuinfo, re.MULTILINE)
-    return (
-        vendor is not None
-        and vendor.group(1) == "GenuineIntel"
-        and flags is not None
-        and "amx_tile" in flags.group(1).split()
-    )
+    return cpu_kind() == stored_kind(notebook_metadata)
 
 
 def output_kinds(outputs: list[Any]) -> list[Any]:
@@ -70,27 +85,21 @@ def output_kinds(outputs: list[Any]) -> list[Any]:
     return kinds
 
 
-def _cpu_label() -> str:
-    text = _CPUINFO.read_text(errors="replace") if _CPUINFO.is_file() else ""
-    name = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
-    return name.group(1).strip() if name else "unknown CPU"
-
-
 def pytest_report_header(config: Any) -> str:
-    if is_reference_cpu():
-        return f"notebook outputs: all compared in full ({_cpu_label()} is {REFERENCE})"
+    name = re.search(r"^model name\s*:\s*(.+)$", _cpuinfo(), re.MULTILINE)
     return (
-        f"notebook outputs: cells tagged {TAG!r} compared by kind only "
-        f"({_cpu_label()} is not {REFERENCE}, where the stored outputs were made)"
+        f"notebook cells tagged {TAG!r}: compared in full where the notebook was executed on "
+        f"this kind of CPU ({cpu_kind()}: {name.group(1).strip() if name else 'unknown'}), "
+        "by the kinds of their outputs elsewhere"
     )
 
 
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
-    if is_reference_cpu():
-        return
     for item in items:
         cell = getattr(item, "cell", None)  # nbval's IPyNbCell
         if cell is None or TAG not in cell.get("metadata", {}).get("tags", []):
+            continue
+        if same_kind(item.parent.nb.metadata):
             continue
         compare = item.compare_outputs  # the bound method of nbval
 
