@@ -18,6 +18,11 @@ budget), prepared by ``minigpt.assistant.tuning_start``, and reports:
     python benchmarks/instruct.py --threads 1
     python benchmarks/instruct.py --steps 200   # a smoke run (goals will fail)
     python benchmarks/instruct.py --families reverse,add,subtract,sort,reverse_upper
+    python benchmarks/instruct.py --seed 1 --lr 1e-3   # another order of examples, rate
+
+``--seed`` and ``--lr`` change the task tuning only (``FinetuneConfig.seed`` orders the
+training examples): the recipe's result moves by tens of points from seed to seed, so
+compare recipes over a few seeds.
 """
 
 from __future__ import annotations
@@ -49,10 +54,12 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def tune(recipe: dict, train: list, steps: int | None):
-    """Fine-tune a fresh start with ``recipe``; returns (model, tokenizer, history, seconds)."""
+def tune(recipe: dict, train: list, steps: int | None, **overrides):
+    """Fine-tune a fresh start with ``recipe`` (its ``FinetuneConfig`` settings changed by
+    ``overrides``, None meaning the recipe's); returns (model, tokenizer, history, seconds)."""
     model, tokenizer, _ = tuning_start()
     settings = dict(recipe["finetune"])
+    settings |= {k: v for k, v in overrides.items() if v is not None}
     if steps:
         settings["max_steps"] = steps
     start = time.perf_counter()
@@ -65,6 +72,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--steps", type=int, default=None, help="fine-tuning steps (recipe's)")
     ap.add_argument("--families", default=None, help="comma-separated task families")
+    ap.add_argument("--seed", type=int, default=None, help="task tuning's seed (recipe's)")
+    ap.add_argument("--lr", type=float, default=None, help="task tuning's peak lr (recipe's)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -82,7 +91,9 @@ def main() -> int:
         f"fine-tuning {start_model.num_parameters():,} parameters on {len(data['train']):,} task "
         f"examples, {torch.get_num_threads()} CPU thread(s)"
     )
-    model, tokenizer, history, seconds = tune(recipe, data["train"], args.steps)
+    model, tokenizer, history, seconds = tune(
+        recipe, data["train"], args.steps, seed=args.seed, lr=args.lr
+    )
     after, responses = evaluate_tasks(model, tokenizer, held_out)
     print(format_report(after, before, title="after"))
     print(f"final training loss {sum(history['loss'][-50:]) / 50:.3f}")
