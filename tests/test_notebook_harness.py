@@ -164,6 +164,7 @@ def test_a_cpu_dependent_cell_is_compared_in_full_on_its_kind_of_cpu_only(tmp_pa
     path = _tagged(_notebook(tmp_path, [("print(6 * 7)", "43\n")]), 0, here)
     result = _run_nbval_cpu(path)
     assert result.returncode != 0, "a changed output was accepted on the notebook's CPU"
+    assert "Cell outputs differ" in result.stdout, result.stdout  # not some other failure
     assert f"this kind of CPU ({here}" in result.stdout
     path = _tagged(path, 0, "elsewhere")
     result = _run_nbval_cpu(path)
@@ -174,10 +175,14 @@ def test_a_cpu_dependent_cell_still_fails_on_another_kind_of_output(tmp_path: Pa
     # the cell now also warns on stderr (a stream the stored output lacks)
     src = "import sys; print(6 * 7); print('a new warning', file=sys.stderr)"
     path = _tagged(_notebook(tmp_path, [(src, "42\n")]), 0, "elsewhere")
-    assert _run_nbval_cpu(path).returncode != 0, "a new stderr stream was accepted"
+    result = _run_nbval_cpu(path)
+    assert result.returncode != 0, "a new stderr stream was accepted"
+    assert "Cell outputs differ" in result.stdout, result.stdout  # not some other failure
     # an untagged cell is compared in full on any CPU
     path = _notebook(tmp_path, [("print(6 * 7)", "43\n")])
-    assert _run_nbval_cpu(path).returncode != 0, "an untagged cell was compared by kind"
+    result = _run_nbval_cpu(path)
+    assert result.returncode != 0, "an untagged cell was compared by kind"
+    assert "Cell outputs differ" in result.stdout, result.stdout
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_rel)
