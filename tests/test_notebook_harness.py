@@ -62,7 +62,11 @@ def test_lesson_ends_with_graduation(path: Path):
     assert any("graduation" in h.lower() for h in headings), "a lesson needs a Graduation section"
 
 
-def _run_nbval(path: Path) -> subprocess.CompletedProcess[str]:
+def _run_nbval(path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """nbval on ``path`` as ``make test`` runs it (the sanitize file, the cpu-dependent
+    plugin), in its own folder and environment (``env``: this process's by default)."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tools"), env.get("PYTHONPATH", "")])
     return subprocess.run(
         [
             sys.executable,
@@ -70,18 +74,20 @@ def _run_nbval(path: Path) -> subprocess.CompletedProcess[str]:
             "pytest",
             "-p",
             "no:cacheprovider",
+            "-p",
+            "nbval_cpu",
             "--nbval",
             "--nbval-current-env",
             "--nbval-sanitize-with",
             str(REPO / "tests" / "sanitize.cfg"),
             "-o",
             "addopts=",
-            "-q",
             str(path),
         ],
         capture_output=True,
         text=True,
         cwd=path.parent,
+        env=env,
         timeout=300,
     )
 
@@ -115,8 +121,7 @@ def test_nbval_fails_when_a_stored_output_changes(tmp_path: Path):
 
 # --------------------------------------------------------------------------- cells whose outputs depend on the CPU
 
-sys.path.insert(0, str(REPO / "tools"))
-import nbval_cpu  # noqa: E402
+import nbval_cpu  # noqa: E402  (tools/, on sys.path by the root conftest.py)
 
 INTEL_AMX = "vendor_id\t: GenuineIntel\nflags\t\t: fpu avx2 avx512f amx_tile amx_bf16\n"
 INTEL_OLD = "vendor_id\t: GenuineIntel\nflags\t\t: fpu avx2 avx512f\n"
@@ -148,13 +153,8 @@ def _tagged(path: Path, index: int, cpu: str) -> Path:
 
 
 def _run_nbval_cpu(path: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "MINIGPT_REFERENCE_CPU"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tools"), env.get("PYTHONPATH", "")])
-    args = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "nbval_cpu"]
-    args += ["--nbval", "--nbval-current-env", "-o", "addopts=", str(path)]
-    return subprocess.run(
-        args, capture_output=True, text=True, cwd=path.parent, env=env, timeout=300
-    )
+    """``_run_nbval`` with the CPU detected, not overridden."""
+    return _run_nbval(path, {k: v for k, v in os.environ.items() if k != "MINIGPT_REFERENCE_CPU"})
 
 
 def test_a_cpu_dependent_cell_is_compared_in_full_on_its_kind_of_cpu_only(tmp_path: Path):
