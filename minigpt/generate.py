@@ -109,7 +109,9 @@ def _decode(
     seq = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
     seq[:, :T] = idx
     n = T  # tokens so far
-    cache = model.new_kv_cache(B) if use_cache else None
+    # a cache for the positions this call can fill, not the whole context: allocating
+    # (and zeroing) block_size positions per layer cost a GPT-2 more than a token's time
+    cache = model.new_kv_cache(B, T + max_new_tokens) if use_cache else None
     start = 0  # with a cache: the position in seq of the cache's first token
     generator = None
     if sampling.seed is not None:

@@ -55,6 +55,27 @@ def test_cached_equals_uncached(kind, sampling, new_tokens):
     assert torch.equal(cached[:, :5], idx)
 
 
+@pytest.mark.parametrize(("T", "new_tokens", "positions"), [(5, 12, 17), (5, 40, 24), (30, 3, 24)])
+def test_the_cache_holds_only_the_positions_a_call_can_fill(monkeypatch, T, new_tokens, positions):
+    """Allocating block_size positions per layer for a short generation cost a GPT-2
+    more than a token's time (1024 positions x 24 tensors, zeroed); a cache of
+    prompt + new tokens is enough unless the window slides."""
+    model = small_model()  # block_size 24
+    sizes = []
+    original = model.new_kv_cache
+
+    def spy(batch_size, max_len=None):
+        caches = original(batch_size, max_len)
+        sizes.append(caches[0].max_len)
+        return caches
+
+    monkeypatch.setattr(model, "new_kv_cache", spy)
+    idx = prompt(T=T)
+    out = generate(model, idx, new_tokens, temperature=0)
+    assert sizes == [positions]
+    assert torch.equal(out, generate(model, idx, new_tokens, temperature=0, use_cache=False))
+
+
 @pytest.mark.parametrize("kind", ["gpt2-style", "llama-style"])
 def test_greedy_equals_a_plain_loop_over_the_last_block_size_tokens(kind):
     """The textbook loop: run the model on the last block_size tokens, take the argmax."""
@@ -62,7 +83,7 @@ def test_greedy_equals_a_plain_loop_over_the_last_block_size_tokens(kind):
     idx = prompt(T=7)
     seq = idx.clone()
     with torch.no_grad():
-        for _ in range(40):  # >= 32 steps: the loop uses its transposed copy of the head
+        for _ in range(40):  # past block_size: the window slides
             logits, _ = model(seq[:, -16:])
             seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(generate(model, idx, 40, temperature=0), seq)
