@@ -24,6 +24,14 @@ so a small model's progress on them is hard to measure. These tasks do: each
 The words are Tiny Shakespeare's (lower-case, 3 to 8 letters, seen at least 3 times),
 so the character models of the course have met them in pretraining; the numbers
 run from 0 to 999.
+
+A held-out number is never an input in training, but its digits must be written in
+training in the same order somewhere: a model that never wrote a 4 followed by a 7
+does not write "47" by copying it from the prompt, it writes a pair it knows. So the
+families that copy a number (compare, convert) draw from all of 0..999, where the
+held-out 47 still occurs inside the training numbers 147, 470, 847, ...; drawn from
+0..99 only, the digit pairs of the held-out numbers occurred nowhere in training, and
+the course's assistant scored 12% to 32% on comparing (50% by guessing one of the two).
 """
 
 from __future__ import annotations
@@ -183,6 +191,7 @@ def _spell(rng, words, numbers):
 
 
 def _small(numbers: Sequence[int]) -> list[int]:
+    # the families that rewrite a number (in words, or by arithmetic) stay below 100
     return [n for n in numbers if n < 100]
 
 
@@ -199,7 +208,7 @@ def _subtract(rng, words, numbers):
 
 
 def _compare(rng, words, numbers):
-    a, b = rng.sample(_small(numbers), 2)
+    a, b = rng.sample(list(numbers), 2)  # 0..999: see the module docstring
     phrasings = ("Which is larger, {a} or {b}?", "Which number is bigger: {a} or {b}?")
     return _pick(rng, phrasings, a=a, b=b), str(max(a, b)), (str(a), str(b))
 
@@ -236,7 +245,7 @@ _UNITS = (  # (from, to, factor): conversions a character model can do by writin
 
 
 def _convert(rng, words, numbers):
-    n = rng.choice([n for n in _small(numbers) if n > 0])
+    n = rng.choice([n for n in numbers if n > 0])  # 1..999: see the module docstring
     big, small, factor = rng.choice(_UNITS)
     unit = big if n == 1 else big + "s"
     phrasings = ("Convert {n} {unit} to {small}s.", "How many {small}s are in {n} {unit}?")

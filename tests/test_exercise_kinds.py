@@ -397,7 +397,7 @@ ROWS = [
     (ch10.q6, _with(plain=51_085), "the lesson's number for the course model"),
     (ch10.q6, _with(checkpointed=5_911), "the lesson's number for the course model"),
     (ch09.q6, _with(probe=0.986), "the lesson's number for its name-line probe"),
-    (ch09.q6, _with(shuffled=0.924), "the lesson's number for its name-line probe"),
+    (ch09.q6, _with(shuffled=0.914), "the lesson's number for its name-line probe"),
     (ch09.q6, _with(majority=0.906), "the lesson's number for its name-line probe"),
     # off by just more than the tolerance, each way
     *[

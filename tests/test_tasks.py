@@ -58,6 +58,22 @@ def test_no_held_out_input_occurs_in_training(train, held_out):
     assert not {e.instruction for e in train} & {e.instruction for e in held_out}
 
 
+def test_the_digit_pairs_of_held_out_numbers_are_written_in_training(train, held_out):
+    """The model copies a held-out number (compare, convert) only if it has written
+    its digits in that order before: every pair of adjacent digits of a held-out
+    number occurs in a training answer, inside other numbers (47 in 147, 470)."""
+    import re
+
+    def pairs(text: str) -> set[str]:
+        return {n[i : i + 2] for n in re.findall(r"\d+", text) for i in range(len(n) - 1)}
+
+    written = set().union(*(pairs(e.answer) for e in train))
+    for family in ("compare", "convert"):
+        numbers = {i for e in held_out if e.family == family for i in e.inputs}
+        assert any(len(n) == 3 for n in numbers)  # drawn from 0..999, not 0..99
+        assert set().union(*(pairs(n) for n in numbers)) <= written, family
+
+
 def test_examples_within_a_split_are_distinct(train):
     assert len({e.instruction for e in train}) == len(train)
 

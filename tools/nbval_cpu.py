@@ -6,8 +6,8 @@ the record was executed on an Intel Xeon with AMX). On another kind, MKL's matri
 products round their last bits differently (it picks its kernels by vendor and
 instruction set, and only its slow SSE2 branch is reproducible across vendors), and
 training amplifies those bits: on an AMD EPYC the same seeds give other trained
-models, and chapter 07's tuned assistant answers 57.7% of the held-out tasks instead
-of the Intel Xeon's 74.5%.
+models (an earlier recipe of chapter 07's tuned assistant answered 57.7% of the
+held-out tasks there instead of the Intel Xeon's 74.5%).
 
 So a code cell tagged ``cpu-dependent`` (cell metadata, invisible in the lesson) is
 compared in full on the kind of CPU its notebook was executed on, like every other

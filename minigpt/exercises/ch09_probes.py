@@ -99,7 +99,7 @@ q4 = ProbeAccuracy()
 
 # the lesson's name-line probe after block 1: its test accuracy, the shuffled control's, and
 # the majority rate ("always not a name line")
-_LESSON_PROBE, _LESSON_SHUFFLED, _LESSON_MAJORITY = 0.986, 0.924, 0.906
+_LESSON_PROBE, _LESSON_SHUFFLED, _LESSON_MAJORITY = 0.986, 0.914, 0.906
 
 
 def _probe_run() -> dict[str, float]:
@@ -186,7 +186,7 @@ class WhatAProbeShows(MultipleChoice):
     name = "q7"
     question = """
 A linear probe reads "inside a speaker's name line" from the stream after block 1 with 98.6%
-test accuracy, well above the same probe on shuffled labels (92.4%) and the majority rate
+test accuracy, well above the same probe on shuffled labels (91.4%) and the majority rate
 (90.6%). What does that show?
 """
     options = (
