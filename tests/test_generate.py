@@ -57,9 +57,9 @@ def test_cached_equals_uncached(kind, sampling, new_tokens):
 
 @pytest.mark.parametrize(("T", "new_tokens", "positions"), [(5, 12, 17), (5, 40, 24), (30, 3, 24)])
 def test_the_cache_holds_only_the_positions_a_call_can_fill(monkeypatch, T, new_tokens, positions):
-    """Allocating block_size positions per layer for a short generation cost a GPT-2
-    more than a token's time (1024 positions x 24 tensors, zeroed); a cache of
-    prompt + new tokens is enough unless the window slides."""
+    """Zeroing block_size positions per layer for a short generation cost a GPT-2
+    several tokens' time (1024 positions x 24 tensors); a cache of prompt + new
+    tokens is enough unless the window slides."""
     model = small_model()  # block_size 24
     sizes = []
     original = model.new_kv_cache
