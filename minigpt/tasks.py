@@ -208,7 +208,7 @@ def _subtract(rng, words, numbers):
 
 
 def _compare(rng, words, numbers):
-    a, b = rng.sample(list(numbers), 2)  # 0..999: see the module docstring
+    a, b = rng.sample(numbers, 2)  # 0..999: see the module docstring
     phrasings = ("Which is larger, {a} or {b}?", "Which number is bigger: {a} or {b}?")
     return _pick(rng, phrasings, a=a, b=b), str(max(a, b)), (str(a), str(b))
 
