@@ -232,8 +232,8 @@ keep that KL penalty, when the reward is what we want?
             "model's. A policy free to move drifts to text the judge over-scores (reward "
             "hacking) and forgets what SFT taught; the penalty keeps it near what the judge knows.",
             "In the lesson's runs, the one without the penalty moved further from the SFT "
-            "model (held-out KL 14.60 nats against 10.31) and lost more task accuracy (19.4% "
-            "against 31.1%, SFT 86.7%), while the judge scored it higher.",
+            "model (held-out KL 8.36 nats against 0.63) and lost more task accuracy (46.7% "
+            "against 78.3%, SFT 86.7%), while the judge scored it higher.",
         ),
         Option(
             "It makes each RL step cheaper: a policy that stays near the SFT model needs "
