@@ -81,7 +81,10 @@ RECIPES: dict[str, dict[str, Any]] = {
         "finetune": {"max_steps": 300, "batch_size": 8, "lr": 1e-3, "warmup_steps": 10, "seed": 0},
     },
     # polite over rude task pairs from the training split; plain DPO, a light touch
-    # (an NLL term on the chosen, harder and longer runs made the answers polite and wrong)
+    # (an NLL term on the chosen, harder and longer runs made the answers polite and wrong;
+    # the assistant never writes a polite answer for DPO to choose: tuned with 30% polite
+    # and 30% rude answers, it went 17% -> 77% polite at -1.1 points with polite-over-bare
+    # pairs at lr 3e-5, but was itself 73.3% right instead of 86.7%; chapter 08, section 6)
     "dpo": {
         "tasks": {"n_per_family": 40, "seed": 0, "kind": "polite"},
         "beta": 0.1,
