@@ -166,6 +166,18 @@ def _(out: str) -> bool:
     return figures(out, rf"LoRA {NUM}%")[0][0] > 70
 
 
+@claim("08", "efe5e842", "the GPT reward model beats 85% on preferences, below the bag of words")
+def _(out: str) -> bool:
+    ((before, after, bow),) = figures(out, rf"{NUM}% before, {NUM}% after \d+ steps .*?{NUM}%")
+    return before == 50.0 and 85 < after < bow
+
+
+@claim("08", "d6c4886d", "the live RLHF steps raise the reward and move the policy off SFT")
+def _(out: str) -> bool:
+    steps = figures(out, rf"mean reward \+?{NUM}, KL \(k1, per response\) \+?{NUM}")
+    return len(steps) == 6 and steps[-1][0] > steps[0][0] and steps[-1][1] > steps[0][1]
+
+
 @pytest.mark.parametrize("name", sorted(CLAIMS))
 def test_lesson_claim_holds(name: str):
     chapter, cell_id, check = CLAIMS[name]
