@@ -82,8 +82,8 @@ _RL = {"batch_size": 4, "group_size": 8, "max_new_tokens": 24, "seed": 0}
 RECIPES: dict[str, dict[str, Any]] = {
     # the real preference data: a fifth of the instructions held out; started from the
     # pretrained base model, not the SFT model (seeds 0-3: 88.3, 89.6, 87.4, 80.6%, mean
-    # 86.5%; from the SFT model, seeds 0-2: 83.8, 79.7, 82.9%, mean 82.1%; dropout, weight
-    # decay, EMA, batch 16, lr 5e-4 x 600 or 2e-3 did no better; AMD EPYC, 1 thread)
+    # 86.5%; from the SFT model, seeds 0-2: 83.8, 79.7, 82.9%, mean 82.1%, and no better
+    # there with dropout, weight decay, EMA, batch 16, lr 5e-4 x 600 or 2e-3; AMD EPYC)
     "reward": {
         "start": "base",
         "split": {"test_fraction": 0.2, "seed": 0},
@@ -298,10 +298,13 @@ def course_reward_model(
     Returns the reward model (eval mode, CPU), its tokenizer and the record."""
 
     def build() -> tuple[GPT, CharTokenizer, dict[str, Any]]:
-        if RECIPES["reward"]["start"] == "base":
+        where = RECIPES["reward"]["start"]
+        if where == "base":
             start, tokenizer, _ = tuning_start(cache)
-        else:
+        elif where == "sft":
             start, tokenizer, _ = assistant_model(cache)
+        else:
+            raise ValueError(f'RECIPES["reward"]["start"] must be "base" or "sft", got {where!r}')
         rm, record = run_reward_model(start, tokenizer)
         head = {"weight": rm.head.weight.detach().flatten().tolist(), "bias": rm.head.bias.item()}
         return rm.gpt, tokenizer, {**record, "head": head}

@@ -64,3 +64,13 @@ def test_the_no_kl_run_is_the_rlhf_recipe_without_its_penalty():
         aligned_model("ppo")
     with pytest.raises(ValueError, match="aligned_model makes"):
         aligned_model("reward")
+
+
+def test_the_reward_model_starts_from_a_named_model(monkeypatch, tmp_path):
+    from minigpt.aligned import course_reward_model
+
+    assert RECIPES["reward"]["start"] in ("base", "sft")
+    monkeypatch.setitem(RECIPES, "reward", {**RECIPES["reward"], "start": "chat"})
+    with pytest.raises(ValueError, match='must be "base" or "sft", got \'chat\''):
+        course_reward_model(tmp_path)
+    assert not any((tmp_path / "models").glob("reward-*/model.safetensors"))
