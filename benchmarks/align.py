@@ -1,9 +1,10 @@
 """Alignment benchmark: reward model, DPO, RLVR and RLHF from the course's assistant.
 
-Every run starts from the instruction-tuned assistant (the SFT model,
-``minigpt.assistant.assistant_model``) with a recipe of ``minigpt.aligned.RECIPES``,
-and is scored on the same held-out tasks (``minigpt.aligned.held_out_tasks``, words
-and numbers never trained on):
+Every run but the reward model's starts from the instruction-tuned assistant (the
+SFT model, ``minigpt.assistant.assistant_model``) with a recipe of
+``minigpt.aligned.RECIPES``, and is scored on the same held-out tasks
+(``minigpt.aligned.held_out_tasks``, words and numbers never trained on); the reward
+model starts from the model its recipe names (``minigpt.aligned.reward_start``):
 
 - reward model: held-out pairwise accuracy on the real preference data (goal: at
   least 90%), next to the bag-of-words baseline fit in the same run;
@@ -22,15 +23,30 @@ trains them (one thread, as the notebooks do), later calls read them, and the ti
 printed are those of the training run, as it was recorded.
 
     python benchmarks/align.py
+    python benchmarks/align.py --reward-seeds 3   # also: the reward model's two starts
+
+``--reward-seeds N`` trains the reward-model recipe N more times from each start
+(``"sft"`` and ``"base"``, fine-tuning seeds 0 to N-1; about 110 s a run on one
+thread) and prints each held-out accuracy and the means: the measurement behind the
+recipe's ``"start"``.
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
 
-from minigpt.aligned import aligned_model, course_reward_model, evaluate_style, held_out_tasks
+from minigpt.aligned import (
+    RECIPES,
+    aligned_model,
+    course_reward_model,
+    evaluate_style,
+    held_out_tasks,
+    reward_start,
+    run_reward_model,
+)
 from minigpt.assistant import assistant_model
 
 TIME_GOAL = 180.0
@@ -45,7 +61,37 @@ def mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
 
+def compare_reward_starts(n_seeds: int) -> None:
+    """The reward-model recipe from each start, at fine-tuning seeds 0..n_seeds-1."""
+    means = {}
+    for where in ("sft", "base"):
+        model, tokenizer = reward_start(where)
+        accs = [run_reward_model(model, tokenizer, seed=s)[1]["accuracy"] for s in range(n_seeds)]
+        means[where] = mean(accs)
+        shown = ", ".join(f"{a:.1%}" for a in accs)
+        print(
+            f"align: reward model from {where}, seeds 0-{n_seeds - 1}: {shown}; mean {mean(accs):.1%}"
+        )
+    chosen = RECIPES["reward"]["start"]
+    other = "sft" if chosen == "base" else "base"
+    print(
+        f"align: reward model's recipe start {chosen!r}: mean {means[chosen]:.1%} vs {other!r} "
+        f"{means[other]:.1%}: {verdict(means[chosen] >= means[other])}"
+    )
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--reward-seeds",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also train the reward model N times from each start",
+    )
+    args = parser.parse_args()
+    if args.reward_seeds < 0:
+        parser.error(f"--reward-seeds must be >= 0, got {args.reward_seeds}")
     torch.set_num_threads(1)
     start = time.perf_counter()
     sft, tokenizer, _ = assistant_model()
@@ -110,6 +156,8 @@ def main() -> int:
             f"align: {name} training time {seconds:.0f} s (goal <= {TIME_GOAL:.0f} s): "
             f"{verdict(seconds <= TIME_GOAL)}"
         )
+    if args.reward_seeds:
+        compare_reward_starts(args.reward_seeds)
     print(f"align: total {time.perf_counter() - start:.0f} s")
     return 0
 

@@ -16,8 +16,9 @@ and returns ``(model, record)``: the training history, the seconds it took and t
 held-out scores of ``evaluate_style`` (task accuracy, polite-style rate, KL to the
 SFT model). ``aligned_model(name)`` runs one on the course's assistant once and
 caches the result by recipe hash, like the course's other models (and
-``course_reward_model()`` the reward model), so the chapter's notebook reads the big
-runs instead of waiting for them.
+``course_reward_model()`` the reward model, from the model its recipe names:
+``reward_start``), so the chapter's notebook reads the big runs instead of waiting
+for them.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ __all__ = [
     "evaluate_style",
     "held_out_tasks",
     "kl_to_reference",
+    "reward_start",
     "run_dpo",
     "run_reward_model",
     "run_rlhf",
@@ -82,8 +84,9 @@ _RL = {"batch_size": 4, "group_size": 8, "max_new_tokens": 24, "seed": 0}
 RECIPES: dict[str, dict[str, Any]] = {
     # the real preference data: a fifth of the instructions held out; started from the
     # pretrained base model, not the SFT model (seeds 0-3: 88.3, 89.6, 87.4, 80.6%, mean
-    # 86.5%; from the SFT model, seeds 0-2: 83.8, 79.7, 82.9%, mean 82.1%, and no better
-    # there with dropout, weight decay, EMA, batch 16, lr 5e-4 x 600 or 2e-3; AMD EPYC)
+    # 86.5%; from the SFT model: 83.8, 79.7, 82.9, 82.4%, mean 82.2%: benchmarks/align.py
+    # --reward-seeds 4; no better from the SFT model with dropout, weight decay, EMA,
+    # batch 16, lr 5e-4 x 600 or 2e-3; AMD EPYC, 1 thread)
     "reward": {
         "start": "base",
         "split": {"test_fraction": 0.2, "seed": 0},
@@ -173,11 +176,15 @@ def _train_tasks(t: dict[str, Any]) -> list[TaskExample]:
     return make_tasks("train", t["n_per_family"], seed=t["seed"], families=t.get("families"))
 
 
-def run_reward_model(model: GPT, tokenizer: CharTokenizer) -> tuple[RewardModel, dict[str, Any]]:
+def run_reward_model(
+    model: GPT, tokenizer: CharTokenizer, seed: int | None = None
+) -> tuple[RewardModel, dict[str, Any]]:
     """A reward model on a copy of ``model``, trained on the real preference data with
-    the ``"reward"`` recipe; the record has the held-out pairwise ``accuracy`` before
+    the ``"reward"`` recipe (``seed``, if given, replaces its fine-tuning seed: the
+    order of the batches); the record has the held-out pairwise ``accuracy`` before
     and after, the bag-of-words baseline's (``bag_of_words``) and the ``seconds``."""
     r = RECIPES["reward"]
+    finetune = r["finetune"] if seed is None else {**r["finetune"], "seed": seed}
     train, test = split_by_instruction(load_preferences(), **r["split"])
     bow = fit_bag_of_words(train)
     bow_acc = pairwise_accuracy(
@@ -187,7 +194,7 @@ def run_reward_model(model: GPT, tokenizer: CharTokenizer) -> tuple[RewardModel,
     rm = RewardModel.from_gpt(model)
     before = reward_accuracy(rm, test, tokenizer.encode)
     start = time.perf_counter()
-    history = train_reward_model(rm, train, tokenizer.encode, FinetuneConfig(**r["finetune"]))
+    history = train_reward_model(rm, train, tokenizer.encode, FinetuneConfig(**finetune))
     seconds = time.perf_counter() - start
     after = reward_accuracy(rm, test, tokenizer.encode)
     record = {"history": history, "seconds": seconds, "accuracy_before": before}
@@ -288,24 +295,29 @@ def _folder(cache: str | os.PathLike[str] | None, name: str, recipe: dict[str, A
     return recipe_folder(cache, name.replace("_", "-"), {"recipe": recipe, "assistant": ASSISTANT})
 
 
+def reward_start(
+    where: str, cache: str | os.PathLike[str] | None = None
+) -> tuple[GPT, CharTokenizer]:
+    """The model a reward model starts from, and its tokenizer: ``"base"``, the
+    pretrained model as instruction tuning starts from it
+    (``minigpt.assistant.tuning_start``), or ``"sft"``, the course's assistant."""
+    starts = {"base": tuning_start, "sft": assistant_model}
+    if where not in starts:
+        raise ValueError(f'the reward model\'s start must be "base" or "sft", got {where!r}')
+    model, tokenizer, _ = starts[where](cache)
+    return model, tokenizer
+
+
 def course_reward_model(
     cache: str | os.PathLike[str] | None = None,
 ) -> tuple[RewardModel, CharTokenizer, dict[str, Any]]:
-    """``run_reward_model`` on the model the ``"reward"`` recipe starts from (``"start"``:
-    ``"base"``, the pretrained model as instruction tuning starts from it,
-    ``minigpt.assistant.tuning_start``; or ``"sft"``, the course's assistant), trained
-    once and cached like ``aligned_model`` (the head's weights ride in the record).
-    Returns the reward model (eval mode, CPU), its tokenizer and the record."""
+    """``run_reward_model`` on the model the ``"reward"`` recipe starts from
+    (``reward_start`` of its ``"start"``), trained once and cached like
+    ``aligned_model`` (the head's weights ride in the record). Returns the reward
+    model (eval mode, CPU), its tokenizer and the record."""
 
     def build() -> tuple[GPT, CharTokenizer, dict[str, Any]]:
-        where = RECIPES["reward"]["start"]
-        if where == "base":
-            start, tokenizer, _ = tuning_start(cache)
-        elif where == "sft":
-            start, tokenizer, _ = assistant_model(cache)
-        else:
-            raise ValueError(f'RECIPES["reward"]["start"] must be "base" or "sft", got {where!r}')
-        rm, record = run_reward_model(start, tokenizer)
+        rm, record = run_reward_model(*reward_start(RECIPES["reward"]["start"], cache))
         head = {"weight": rm.head.weight.detach().flatten().tolist(), "bias": rm.head.bias.item()}
         return rm.gpt, tokenizer, {**record, "head": head}
 
