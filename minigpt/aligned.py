@@ -317,7 +317,8 @@ def course_reward_model(
     model (eval mode, CPU), its tokenizer and the record."""
 
     def build() -> tuple[GPT, CharTokenizer, dict[str, Any]]:
-        rm, record = run_reward_model(*reward_start(RECIPES["reward"]["start"], cache))
+        start, tokenizer = reward_start(RECIPES["reward"]["start"], cache)
+        rm, record = run_reward_model(start, tokenizer)
         head = {"weight": rm.head.weight.detach().flatten().tolist(), "bias": rm.head.bias.item()}
         return rm.gpt, tokenizer, {**record, "head": head}
 

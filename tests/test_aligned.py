@@ -74,3 +74,36 @@ def test_the_reward_model_starts_from_a_named_model(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match='must be "base" or "sft", got \'chat\''):
         course_reward_model(tmp_path)
     assert not any((tmp_path / "models").glob("reward-*/model.safetensors"))
+
+
+def test_the_reward_model_is_built_saved_and_loaded_with_its_head(monkeypatch, tmp_path):
+    """The cold-cache path: build once (from the recipe's start), then load the same
+    reward model (the head rides in the record) without building again."""
+    import minigpt.aligned as aligned
+    from minigpt.preference import RewardModel
+
+    starts, built = [], []
+
+    def fake_start(where, cache=None):
+        starts.append((where, cache))
+        return tiny_gpt(0), TOKENIZER
+
+    def fake_run(model, tokenizer, seed=None):
+        assert tokenizer is TOKENIZER
+        rm = RewardModel.from_gpt(model)
+        with torch.no_grad():
+            rm.head.weight.normal_()
+            rm.head.bias.fill_(0.25)
+        built.append(rm)
+        return rm, {"accuracy": 0.5}
+
+    monkeypatch.setattr(aligned, "reward_start", fake_start)
+    monkeypatch.setattr(aligned, "run_reward_model", fake_run)
+    rm, tokenizer, record = aligned.course_reward_model(tmp_path)
+    again, _, _ = aligned.course_reward_model(tmp_path)
+    assert starts == [(RECIPES["reward"]["start"], tmp_path)] and len(built) == 1
+    assert tokenizer.vocab_size == TOKENIZER.vocab_size and record["accuracy"] == 0.5
+    idx = torch.tensor([TOKENIZER.encode("Which is larger, 31 or 13?")])
+    with torch.no_grad():
+        want = built[0].eval()(idx)
+        assert torch.allclose(rm(idx), want) and torch.allclose(again(idx), want)
