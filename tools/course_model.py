@@ -68,8 +68,8 @@ def scaling() -> str:
 
 
 def chat() -> str:
-    # both tuned from the assistant: they wait (on the cache's lock) while the other chain
-    # builds it
+    # the chat model is tuned from the assistant, the reward model from the assistant's
+    # pretrained base: each waits (on the cache's lock) while the other chain builds it
     lines = []
     for name, build in (("chat", chat_model), ("reward model", course_reward_model)):
         start = time.perf_counter()
