@@ -20,6 +20,14 @@ budget), prepared by ``minigpt.assistant.tuning_start``, and reports:
     python benchmarks/instruct.py --families reverse,add,subtract,sort,reverse_upper
     python benchmarks/instruct.py --seed 1 --lr 1e-3   # another order of examples, rate
 
+    python benchmarks/instruct.py --translation-trials   # two other translators (8 min)
+
+``--translation-trials`` trains only two translators that try to beat the baseline
+another way, both from the course's assistant (its copying skills) at lr 1e-3: the
+plain prompt (the control), and the prompt with the nearest *other* training pair
+in it, whose French the model may copy and edit (retrieval-augmented translation,
+"neural fuzzy repair", Bulte and Tezcan 2019; at test time, the baseline's own pair).
+
 ``--seed`` and ``--lr`` change the task tuning only (``FinetuneConfig.seed`` orders the
 training examples): the recipe's result moves by tens of points from seed to seed, so
 compare recipes over a few seeds.
@@ -34,17 +42,28 @@ import torch
 
 from minigpt.assistant import (
     ASSISTANT,
+    PROMPT_INTRO_USED,
     TRANSLATOR,
+    assistant_model,
     evaluate_tasks,
     evaluate_translation,
     instruction_data,
+    respond,
     translation_data,
     tune_assistant,
     tuning_start,
 )
 from minigpt.finetune import FinetuneConfig
+from minigpt.instruct import InstructionExample, format_prompt
 from minigpt.tasks import format_report
-from minigpt.translation import chrf, exact_match, nearest_neighbour_translations, references
+from minigpt.translation import (
+    chrf,
+    exact_match,
+    nearest_neighbour_translations,
+    nearest_sources,
+    references,
+    translation_example,
+)
 
 TIME_GOAL = 300.0
 MEAN_GOAL, FAMILY_GOAL = 0.80, 0.50
@@ -54,10 +73,10 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def tune(recipe: dict, train: list, steps: int | None, **overrides):
-    """Fine-tune a fresh start with ``recipe`` (its ``FinetuneConfig`` settings changed by
-    ``overrides``, None meaning the recipe's); returns (model, tokenizer, history, seconds)."""
-    model, tokenizer, _ = tuning_start()
+def tune(recipe: dict, train: list, steps: int | None, start=tuning_start, **overrides):
+    """Fine-tune a fresh ``start()`` with ``recipe`` (its ``FinetuneConfig`` settings changed
+    by ``overrides``, None meaning the recipe's); returns (model, tokenizer, history, seconds)."""
+    model, tokenizer, _ = start()
     settings = dict(recipe["finetune"])
     settings |= {k: v for k, v in overrides.items() if v is not None}
     if steps:
@@ -67,6 +86,52 @@ def tune(recipe: dict, train: list, steps: int | None, **overrides):
     return model, tokenizer, history, time.perf_counter() - start
 
 
+def with_neighbour(source: str, near: str, table: dict, target: str = "") -> InstructionExample:
+    """The translation example of ``source`` with the training pair of ``near`` in its input."""
+    plain = translation_example(source, target)
+    return InstructionExample(
+        plain.instruction, f"{source}\n\nLike: {near}\nIn French: {table[near][0]}", target
+    )
+
+
+def translation_trials(steps: int | None) -> bool:
+    """``--translation-trials``: the plain and the retrieval prompt, from the assistant."""
+    tdata = translation_data()
+    train_pairs, refs = tdata["train_pairs"], references(tdata["test_pairs"])
+    table, sources, targets = references(train_pairs), list(refs), list(refs.values())
+    baseline = nearest_neighbour_translations(train_pairs, sources)
+    nn_exact, nn_chrf = exact_match(baseline, targets), chrf(baseline, targets)
+    print(f"nearest neighbour: exact match {nn_exact:.1%}, chrF {nn_chrf:.1f}")
+    near_train = dict(
+        zip(table, nearest_sources(train_pairs, list(table), leave_out_self=True), strict=True)
+    )
+    near_test = nearest_sources(train_pairs, sources)
+    retrieval = [
+        with_neighbour(p.source, near_train[p.source], table, p.target) for p in train_pairs
+    ]
+    test_prompts = {
+        "plain": [format_prompt(translation_example(s), PROMPT_INTRO_USED) for s in sources],
+        "retrieval": [
+            format_prompt(with_neighbour(s, n, table), PROMPT_INTRO_USED)
+            for s, n in zip(sources, near_test, strict=True)
+        ],
+    }
+    ok = True
+    for name, train in (("plain", tdata["train"]), ("retrieval", retrieval)):
+        model, tokenizer, _, seconds = tune(TRANSLATOR, train, steps, assistant_model, lr=1e-3)
+        out = respond(model, tokenizer, test_prompts[name])
+        em, cf = exact_match(out, targets), chrf(out, targets)
+        for s, t in list(zip(sources, out, strict=True))[:3]:
+            print(f"  {name}: {s!r} -> {t!r} (references {refs[s]})")
+        print(
+            f"translate trial {name} prompt, from the assistant at lr 1e-3 ({seconds:.0f} s): "
+            f"exact match {em:.1%}, chrF {cf:.1f} vs nearest neighbour {nn_exact:.1%}, "
+            f"{nn_chrf:.1f}: {verdict(em > nn_exact and cf > nn_chrf)}"
+        )
+        ok = ok and em > nn_exact and cf > nn_chrf
+    return ok
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -74,9 +139,14 @@ def main() -> int:
     ap.add_argument("--families", default=None, help="comma-separated task families")
     ap.add_argument("--seed", type=int, default=None, help="task tuning's seed (recipe's)")
     ap.add_argument("--lr", type=float, default=None, help="task tuning's peak lr (recipe's)")
+    ap.add_argument(
+        "--translation-trials", action="store_true", help="only the two other translators"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.translation_trials:
+        return 0 if translation_trials(args.steps) else 1
     recipe = ASSISTANT
     if args.families:
         recipe = {

@@ -12,7 +12,7 @@
   says 0 to "Je suis malade." when the references say "Je suis malade !".
 - ``nearest_neighbour_translations`` is the baseline a model has to beat: answer
   with the translation of the most similar English training sentence
-  (``edit_distance``, Levenshtein).
+  (``nearest_sources``, by ``edit_distance``, Levenshtein).
 - ``translation_example`` turns a sentence into an ``InstructionExample`` so the
   instruction-tuning code (``minigpt.instruct``) trains on translation unchanged.
 
@@ -24,6 +24,7 @@ otherwise exact match (and a model's vocabulary) would judge spacing nobody can 
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import os
 import random
@@ -44,6 +45,7 @@ __all__ = [
     "exact_match",
     "load_translation_pairs",
     "nearest_neighbour_translations",
+    "nearest_sources",
     "normalize_spaces",
     "references",
     "sentence_chrf",
@@ -410,30 +412,57 @@ def _nearest(query: str, cands: Sequence[str], shared: Sequence[int]) -> int:
     return best
 
 
+def nearest_sources(
+    train_pairs: Sequence[TranslationPair], sources: Sequence[str], leave_out_self: bool = False
+) -> list[str]:
+    """The English training sentence nearest to each of ``sources`` by ``edit_distance``
+    (ties go to the first in sorted order).
+
+    ``leave_out_self=True`` never answers a source with itself: the nearest *other*
+    training sentence, as a test sentence (never trained on) would see it; use it
+    to find neighbours for the training sentences themselves.
+
+    Raises:
+        ValueError: ``train_pairs`` is empty (or, leaving a source out, has nothing else).
+        TypeError: ``sources`` is a string, or holds something other than strings.
+    """
+    if isinstance(sources, str):
+        raise TypeError("sources must be a list of English sentences, not one string")
+    cands = sorted(references(train_pairs))
+    if not cands:
+        raise ValueError("train_pairs is empty; the baseline needs sentences to look up")
+    shared = [_shared_prefix(a, b) for a, b in itertools.pairwise(cands)]
+    out = []
+    for src in sources:
+        if not isinstance(src, str):
+            raise TypeError(f"each source must be a string, got {type(src).__name__}")
+        j = bisect.bisect_left(cands, src)
+        if leave_out_self and j < len(cands) and cands[j] == src:
+            if len(cands) == 1:
+                raise ValueError(f"{src!r} is the only training sentence; nothing else to find")
+            others = cands[:j] + cands[j + 1 :]
+            # the prefixes shared by neighbours, with src's two neighbours now adjacent
+            bridge = [_shared_prefix(cands[j - 1], cands[j + 1])] if 0 < j < len(cands) - 1 else []
+            others_shared = shared[: max(j - 1, 0)] + bridge + shared[j + 1 :]
+            out.append(others[_nearest(src, others, others_shared)])
+        else:
+            out.append(cands[_nearest(src, cands, shared)])
+    return out
+
+
 def nearest_neighbour_translations(
     train_pairs: Sequence[TranslationPair], sources: Sequence[str]
 ) -> list[str]:
     """The baseline: translate each source as its nearest English training sentence.
 
     For each sentence of ``sources``, find the training English sentence with the
-    smallest ``edit_distance`` (ties go to the first in sorted order) and answer
-    with that sentence's first French translation in ``train_pairs``. It knows
-    nothing of French; a model that does not beat it has learnt nothing but lookup.
+    smallest ``edit_distance`` (``nearest_sources``) and answer with that
+    sentence's first French translation in ``train_pairs``. It knows nothing of
+    French; a model that does not beat it has learnt nothing but lookup.
 
     Raises:
         ValueError: ``train_pairs`` is empty.
         TypeError: ``sources`` is a string, or holds something other than strings.
     """
-    if isinstance(sources, str):
-        raise TypeError("sources must be a list of English sentences, not one string")
     table = references(train_pairs)
-    if not table:
-        raise ValueError("train_pairs is empty; the baseline needs sentences to look up")
-    cands = sorted(table)
-    shared = [_shared_prefix(a, b) for a, b in itertools.pairwise(cands)]
-    out = []
-    for src in sources:
-        if not isinstance(src, str):
-            raise TypeError(f"each source must be a string, got {type(src).__name__}")
-        out.append(table[cands[_nearest(src, cands, shared)]][0])
-    return out
+    return [table[near][0] for near in nearest_sources(train_pairs, sources)]

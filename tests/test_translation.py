@@ -17,6 +17,7 @@ from minigpt.translation import (
     exact_match,
     load_translation_pairs,
     nearest_neighbour_translations,
+    nearest_sources,
     normalize_spaces,
     references,
     sentence_chrf,
@@ -277,6 +278,32 @@ def test_nearest_neighbour_equals_brute_force(pairs):
     sources = sorted({p.source for p in test})[::20]  # 26 sentences: brute force is slow
     want = [table[min(cands, key=lambda c: edit_distance(s, c))][0] for s in sources]
     assert nearest_neighbour_translations(train, sources) == want
+
+
+def test_nearest_sources_leaving_each_sentence_out_equals_brute_force(pairs):
+    train, _ = split_by_source(pairs, test_fraction=0.2, seed=0)
+    cands = sorted(references(train))
+    # the first, the last and every 40th: the ends take the other branch of the bridge
+    sources = [cands[0], cands[-1], *cands[1:-1:40]]
+    got = nearest_sources(train, sources, leave_out_self=True)
+    for s, near in zip(sources, got, strict=True):
+        others = [c for c in cands if c != s]
+        assert near == min(others, key=lambda c: edit_distance(s, c)), s
+    assert nearest_sources(train, sources) == sources  # without leaving out: itself
+
+
+def test_nearest_sources_leave_out_on_tiny_sets():
+    train = [
+        TranslationPair("I ran.", "J'ai couru.", CREDIT),
+        TranslationPair("I won.", "J'ai gagné.", CREDIT),
+        TranslationPair("Help!", "À l'aide !", CREDIT),
+    ]
+    got = nearest_sources(train, ["I ran.", "I won.", "Help!", "I run."], leave_out_self=True)
+    assert got == ["I won.", "I ran.", "I ran.", "I ran."]  # "Help!": 6 from both, sorted first
+    with pytest.raises(ValueError, match="only training sentence"):
+        nearest_sources(train[:1], ["I ran."], leave_out_self=True)
+    with pytest.raises(TypeError, match="not one string"):
+        nearest_sources(train, "I ran.")
 
 
 def test_nearest_neighbour_baseline_figures(baseline):
