@@ -23,12 +23,13 @@ trains them (one thread, as the notebooks do), later calls read them, and the ti
 printed are those of the training run, as it was recorded.
 
     python benchmarks/align.py
-    python benchmarks/align.py --reward-seeds 3   # also: the reward model's two starts
+    python benchmarks/align.py --reward-seeds 3   # also: the reward model's variants
 
-``--reward-seeds N`` trains the reward-model recipe N more times from each start
-(``"sft"`` and ``"base"``, fine-tuning seeds 0 to N-1; about 110 s a run on one
-thread) and prints each held-out accuracy and the means: the measurement behind the
-recipe's ``"start"``.
+``--reward-seeds N`` trains the reward-model recipe N more times, and N times each
+with its other start (``"sft"`` or ``"base"``) and with its other pool (``"last"``
+or ``"mean"``: ``minigpt.preference.RewardModel``), at fine-tuning seeds 0 to N-1
+(about 110 s a run on one thread), and prints each held-out accuracy and the means:
+the measurement behind the recipe's ``"start"`` and ``"pool"``.
 """
 
 from __future__ import annotations
@@ -61,23 +62,35 @@ def mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
 
-def compare_reward_starts(n_seeds: int) -> None:
-    """The reward-model recipe from each start, at fine-tuning seeds 0..n_seeds-1."""
+def compare_reward_variants(n_seeds: int) -> None:
+    """The reward-model recipe, and the recipe with its other start and with its other
+    pool, each at fine-tuning seeds 0..n_seeds-1."""
+    r = RECIPES["reward"]
+    other_start = {"base": "sft", "sft": "base"}[r["start"]]
+    other_pool = {"mean": "last", "last": "mean"}[r["pool"]]
+    variants = {
+        "recipe": (r["start"], r["pool"]),
+        "other start": (other_start, r["pool"]),
+        "other pool": (r["start"], other_pool),
+    }
     means = {}
-    for where in ("sft", "base"):
+    for name, (where, pool) in variants.items():
         model, tokenizer = reward_start(where)
-        accs = [run_reward_model(model, tokenizer, seed=s)[1]["accuracy"] for s in range(n_seeds)]
-        means[where] = mean(accs)
+        accs = [
+            run_reward_model(model, tokenizer, seed=s, pool=pool)[1]["accuracy"]
+            for s in range(n_seeds)
+        ]
+        means[name] = mean(accs)
         shown = ", ".join(f"{a:.1%}" for a in accs)
         print(
-            f"align: reward model from {where}, seeds 0-{n_seeds - 1}: {shown}; mean {mean(accs):.1%}"
+            f"align: reward model from {where}, pool {pool!r}, seeds 0-{n_seeds - 1}: {shown}; "
+            f"mean {mean(accs):.1%}"
         )
-    chosen = RECIPES["reward"]["start"]
-    other = "sft" if chosen == "base" else "base"
-    print(
-        f"align: reward model's recipe start {chosen!r}: mean {means[chosen]:.1%} vs {other!r} "
-        f"{means[other]:.1%}: {verdict(means[chosen] >= means[other])}"
-    )
+    for name in ("other start", "other pool"):
+        print(
+            f"align: reward model's recipe {variants['recipe']}: mean {means['recipe']:.1%} vs "
+            f"{name} {variants[name]} {means[name]:.1%}: {verdict(means['recipe'] >= means[name])}"
+        )
 
 
 def main() -> int:
@@ -87,7 +100,7 @@ def main() -> int:
         type=int,
         default=0,
         metavar="N",
-        help="also train the reward model N times from each start",
+        help="also train the reward model's recipe and two variants N times each",
     )
     args = parser.parse_args()
     if args.reward_seeds < 0:
@@ -157,7 +170,7 @@ def main() -> int:
             f"{verdict(seconds <= TIME_GOAL)}"
         )
     if args.reward_seeds:
-        compare_reward_starts(args.reward_seeds)
+        compare_reward_variants(args.reward_seeds)
     print(f"align: total {time.perf_counter() - start:.0f} s")
     return 0
 

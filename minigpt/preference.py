@@ -9,9 +9,10 @@ a policy towards it (policy gradient) or straight from the pairs (DPO).
   output, chosen, rejected), naming the file and line of a bad record;
   ``task_preferences`` makes pairs from the task suite (``minigpt.tasks``: right vs
   wrong, polite vs rude); ``split_by_instruction`` holds instructions out.
-- ``RewardModel``: the GPT with a scalar head read at the last real token, fit to the
-  Bradley-Terry likelihood p(chosen > rejected) = sigmoid(r_chosen - r_rejected)
-  (``bradley_terry_loss``, ``train_reward_model``, ``pairwise_accuracy``).
+- ``RewardModel``: the GPT with a scalar head read at the last real token or at the
+  mean of the real tokens, fit to the Bradley-Terry likelihood p(chosen > rejected)
+  = sigmoid(r_chosen - r_rejected) (``bradley_terry_loss``, ``train_reward_model``,
+  ``pairwise_accuracy``).
 - ``fit_bag_of_words``: the baseline to beat, a logistic regression on word counts.
 
 Prompts are the course template (``minigpt.instruct.format_prompt``) with the
@@ -195,25 +196,38 @@ def _pad(
 class RewardModel(nn.Module):
     """A GPT read by a scalar head: one reward for a whole prompt + response.
 
-    ``gpt.hidden_states`` (B, T, C) is read at each row's last real token, the only
-    one that has seen the whole text under the causal mask, by ``head``, a
-    ``Linear(C, 1)`` that starts at zero (every text scores 0 before training). Only
-    differences of rewards mean anything: the Bradley-Terry model sees nothing else.
+    ``head``, a ``Linear(C, 1)`` that starts at zero (every text scores 0 before
+    training), reads ``gpt.hidden_states`` (B, T, C) pooled over each row's real
+    tokens by ``pool``:
+
+    - ``"last"``: the hidden state of the last real token, the only one that has
+      seen the whole text under the causal mask (InstructGPT's reward model);
+    - ``"mean"``: the average over every real token, so each position's features
+      count, as each word counts in a bag of words.
+
+    Only differences of rewards mean anything: the Bradley-Terry model sees nothing else.
     """
 
-    def __init__(self, gpt: GPT) -> None:
+    POOLS = ("last", "mean")
+
+    def __init__(self, gpt: GPT, pool: str = "last") -> None:
         super().__init__()
         if not isinstance(gpt, GPT):
             raise TypeError(f"RewardModel wraps a minigpt GPT, got {type(gpt).__name__}")
-        self.gpt = gpt
+        if pool not in self.POOLS:
+            raise ValueError(f'pool must be "last" or "mean", got {pool!r}')
+        self.gpt, self.pool = gpt, pool
         self.head = nn.Linear(gpt.config.n_embd, 1, device=gpt.wte.weight.device)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
     @classmethod
-    def from_gpt(cls, model: GPT) -> RewardModel:
+    def from_gpt(cls, model: GPT, pool: str = "last") -> RewardModel:
         """A reward model on a copy of ``model`` (usually the SFT model), left unchanged."""
-        return cls(copy.deepcopy(model))
+        return cls(copy.deepcopy(model), pool)
+
+    def extra_repr(self) -> str:
+        return f"pool={self.pool!r}"
 
     def forward(self, idx: Tensor, lengths: Tensor | None = None) -> Tensor:
         """(B, T) right-padded token ids and (B,) real lengths (None: no padding) -> (B,)."""
@@ -225,8 +239,13 @@ class RewardModel(nn.Module):
             raise ValueError(f"lengths must have shape ({B},), got {tuple(lengths.shape)}")
         if lengths.device.type == "cpu" and (int(lengths.min()) < 1 or int(lengths.max()) > T):
             raise ValueError(f"lengths must be in [1, {T}], got {lengths.tolist()[:8]}")
-        last = hidden[torch.arange(B, device=idx.device), lengths.to(idx.device) - 1]  # (B, C)
-        return self.head(last).squeeze(-1)
+        lengths = lengths.to(idx.device)
+        if self.pool == "last":
+            pooled = hidden[torch.arange(B, device=idx.device), lengths - 1]  # (B, C)
+        else:
+            real = torch.arange(T, device=idx.device) < lengths[:, None]  # (B, T)
+            pooled = (hidden * real[..., None]).sum(1) / lengths[:, None]  # (B, C)
+        return self.head(pooled).squeeze(-1)
 
     @torch.no_grad()
     def score(self, encode: Encode, texts: Sequence[str], batch_size: int = 64) -> Tensor:

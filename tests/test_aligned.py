@@ -88,14 +88,14 @@ def test_the_reward_model_is_built_saved_and_loaded_with_its_head(monkeypatch, t
         starts.append((where, cache))
         return tiny_gpt(0), TOKENIZER
 
-    def fake_run(model, tokenizer, seed=None):
-        assert tokenizer is TOKENIZER
-        rm = RewardModel.from_gpt(model)
+    def fake_run(model, tokenizer, seed=None, pool=None):
+        assert tokenizer is TOKENIZER and pool is None
+        rm = RewardModel.from_gpt(model, "mean")
         with torch.no_grad():
             rm.head.weight.normal_()
             rm.head.bias.fill_(0.25)
         built.append(rm)
-        return rm, {"accuracy": 0.5}
+        return rm, {"accuracy": 0.5, "pool": "mean"}
 
     monkeypatch.setattr(aligned, "reward_start", fake_start)
     monkeypatch.setattr(aligned, "run_reward_model", fake_run)
@@ -103,6 +103,7 @@ def test_the_reward_model_is_built_saved_and_loaded_with_its_head(monkeypatch, t
     again, _, _ = aligned.course_reward_model(tmp_path)
     assert starts == [(RECIPES["reward"]["start"], tmp_path)] and len(built) == 1
     assert tokenizer.vocab_size == TOKENIZER.vocab_size and record["accuracy"] == 0.5
+    assert rm.pool == again.pool == "mean"
     idx = torch.tensor([TOKENIZER.encode("Which is larger, 31 or 13?")])
     with torch.no_grad():
         want = built[0].eval()(idx)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -212,6 +213,25 @@ def test_reward_model_reads_the_last_real_token():
         rm(idx, torch.tensor([3]))
     with pytest.raises(TypeError, match="wraps a minigpt GPT"):
         RewardModel(torch.nn.Linear(2, 2))
+
+
+def test_mean_pooling_averages_the_real_tokens_only():
+    rm = RewardModel(tiny_gpt(), pool="mean")
+    torch.nn.init.normal_(rm.head.weight, generator=torch.Generator().manual_seed(0))
+    idx = torch.tensor([[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]])
+    rewards = rm(idx, torch.tensor([3, 5]))
+    for row, n in ((0, 3), (1, 5)):
+        alone = rm.gpt.hidden_states(idx[row : row + 1, :n])[0].mean(0)  # (C,): no padding
+        torch.testing.assert_close(rewards[row], rm.head(alone)[0])
+    repadded = idx.clone()
+    repadded[0, 3:] = 40  # what the padding holds cannot matter
+    torch.testing.assert_close(rm(repadded, torch.tensor([3, 5])), rewards)
+    last = RewardModel(copy.deepcopy(rm.gpt))
+    last.head.load_state_dict(rm.head.state_dict())
+    assert not torch.allclose(last(idx, torch.tensor([3, 5])), rewards)  # another reading
+    assert RewardModel.from_gpt(tiny_gpt(), "mean").pool == "mean" and last.pool == "last"
+    with pytest.raises(ValueError, match='pool must be "last" or "mean", got \'max\''):
+        RewardModel(tiny_gpt(), pool="max")
 
 
 def test_from_gpt_copies_the_backbone():
