@@ -166,10 +166,10 @@ def _(out: str) -> bool:
     return figures(out, rf"LoRA {NUM}%")[0][0] > 70
 
 
-@claim("08", "efe5e842", "the GPT reward model beats 85% on preferences, below the bag of words")
+@claim("08", "efe5e842", "the GPT reward model reaches 90% on preferences, below the bag of words")
 def _(out: str) -> bool:
     ((before, after, bow),) = figures(out, rf"{NUM}% before, {NUM}% after \d+ steps .*?{NUM}%")
-    return before == 50.0 and 85 < after < bow
+    return before == 50.0 and 90 <= after < bow
 
 
 @claim("08", "d6c4886d", "the live RLHF steps raise the reward and move the policy off SFT")
