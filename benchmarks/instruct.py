@@ -73,10 +73,10 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def tune(recipe: dict, train: list, steps: int | None, start=tuning_start, **overrides):
-    """Fine-tune a fresh ``start()`` with ``recipe`` (its ``FinetuneConfig`` settings changed
+def tune(recipe: dict, train: list, steps: int | None, begin=tuning_start, **overrides):
+    """Fine-tune a fresh ``begin()`` with ``recipe`` (its ``FinetuneConfig`` settings changed
     by ``overrides``, None meaning the recipe's); returns (model, tokenizer, history, seconds)."""
-    model, tokenizer, _ = start()
+    model, tokenizer, _ = begin()
     settings = dict(recipe["finetune"])
     settings |= {k: v for k, v in overrides.items() if v is not None}
     if steps:

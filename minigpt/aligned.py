@@ -205,8 +205,7 @@ def run_reward_model(
     after = reward_accuracy(rm, test, tokenizer.encode)
     record = {"history": history, "seconds": seconds, "accuracy_before": before}
     record |= {"accuracy": after, "bag_of_words": bow_acc, "pairs": [len(train), len(test)]}
-    record["pool"] = pool
-    return rm, record
+    return rm, record | {"pool": pool}
 
 
 def run_dpo(model: GPT, tokenizer: CharTokenizer) -> tuple[GPT, dict[str, Any]]:
