@@ -349,6 +349,25 @@ def load_optimizer(
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as e:
         raise CheckpointError(f"{file} does not fit this model's optimizer: {e}") from e
+    _match_layouts(optimizer)
+
+
+def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each loaded state tensor its parameter's memory layout.
+
+    safetensors stores tensors contiguous, while GPT keeps its linear weights
+    column-major (``minigpt.model``). The fused AdamW kernel walks a parameter, its
+    gradient and its moments as flat memory, so a row-major moment beside a
+    column-major weight would update the wrong numbers, silently.
+    """
+    for param, tensors in optimizer.state.items():
+        for name, value in tensors.items():
+            if (
+                isinstance(value, torch.Tensor)
+                and value.shape == param.shape
+                and value.stride() != param.stride()
+            ):
+                tensors[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 # --------------------------------------------------------------------------- a training run's state

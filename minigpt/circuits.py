@@ -37,6 +37,7 @@ from torch import Tensor
 from minigpt.generate import Tokenizer
 from minigpt.inspect import capture, induction_loss_drop, induction_score, repeated_random_tokens
 from minigpt.model import GPT, GPTConfig
+from minigpt.optim import clip_grad_norm
 from minigpt.pretrained import cached_model, recipe_folder, shakespeare_char_data
 from minigpt.tokenizer import CharTokenizer
 
@@ -153,7 +154,7 @@ def train_copying_model(
         _, loss_t = model(x, y)
         opt.zero_grad(set_to_none=True)
         loss_t.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        clip_grad_norm(model.parameters(), 1.0)  # summed in row-major order (minigpt.optim)
         opt.step()
     record.update(steps=steps, seed=seed)
     return model.eval(), tokenizer, record

@@ -185,6 +185,8 @@ def wrap_model(model: GPT, info: DistInfo, device: torch.device, config: Any) ->
     if info.enabled and parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        for param in model.parameters():  # FSDP shards contiguous tensors only
+            param.data = param.data.contiguous()  # (GPT stores linear weights column-major)
         for block in model.h:
             fully_shard(block)
         fully_shard(model)  # the embeddings, the final norm and the (tied) head

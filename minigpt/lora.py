@@ -107,6 +107,8 @@ class LoRALinear(nn.Module):
             device=base.weight.device,
             dtype=base.weight.dtype,
         )
+        # the base's memory order (column-major in GPT, the faster one for generation)
+        out.weight.data = torch.empty_like(base.weight)
         with torch.no_grad():
             out.weight.copy_(base.weight + self.delta_weight())
             if base.bias is not None:

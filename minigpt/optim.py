@@ -188,7 +188,11 @@ def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> Tenso
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
-    norms = torch._foreach_norm(grads)  # one norm per tensor, in one fused call
+    # one norm per tensor, in one fused call, each summed in row-major order: GPT keeps
+    # its linear weights column-major (minigpt.model), so their gradients are too, and a
+    # sum in memory order would round differently. The copies cost little next to the
+    # step and keep training bit for bit the same whatever the weights' memory order.
+    norms = torch._foreach_norm([g if g.is_contiguous() else g.contiguous() for g in grads])
     total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
     scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     torch._foreach_mul_(grads, scale.to(grads[0].device))

@@ -105,6 +105,8 @@ def test_merged_outputs_equal_unmerged_and_names_return_to_gpt2():
     assert not lora_modules(model)
     assert sorted(n for n, _ in model.named_parameters()) == reference_names
     assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
+    # merged weights keep GPT's column-major order (the faster one for generation)
+    assert all(m.weight.t().is_contiguous() for m in model.modules() if isinstance(m, nn.Linear))
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
     # the update really changed the model (the test above is not vacuous)
     fresh, _ = tiny_gpt()(idx)

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -12,6 +14,7 @@ from torch import nn
 from minigpt import GPT, GPTConfig
 from minigpt.attention import CausalSelfAttention
 from minigpt.checkpoint import CheckpointError
+from minigpt.generate import generate
 
 VARIANTS = [
     ("tiny", {"positions": "learned"}),
@@ -145,6 +148,38 @@ def test_every_linear_layer_is_a_plain_nn_linear(preset):
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert len(linears) == 4 * model.config.n_layer + 1  # c_attn, c_proj, c_fc, c_proj; head
     assert all(type(m) is nn.Linear for m in linears)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+def test_linear_weights_are_stored_column_major_and_compute_the_same(preset, tmp_path):
+    """GPT keeps (out, in) weights in the memory order of their transpose (batch-1
+    generation reads them faster); values, shapes and results are those of the
+    usual row-major order, and a saved file is the same either way."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset(preset, vocab_size=97)).eval()
+    row = GPT(copy.deepcopy(model.config)).eval()
+    row.load_state_dict(model.state_dict())
+    for m in row.modules():
+        if isinstance(m, nn.Linear):
+            m.weight.data = m.weight.data.contiguous()
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(m.weight.t().is_contiguous() for m in linears)
+    assert all(m.weight.is_contiguous() for m in row.modules() if isinstance(m, nn.Linear))
+    idx = torch.randint(0, 97, (2, 12))
+    torch.testing.assert_close(model(idx)[0], row(idx)[0], atol=1e-6, rtol=1e-6)
+    prompt = idx[:1, :4]
+    assert torch.equal(
+        generate(model, prompt, 16, temperature=0), generate(row, prompt, 16, temperature=0)
+    )
+    files = [
+        m.save(tmp_path / name) / "model.safetensors" for m, name in [(model, "a"), (row, "b")]
+    ]
+    assert files[0].read_bytes() == files[1].read_bytes()
+    assert GPT.load(tmp_path / "a").lm_head.weight.t().is_contiguous()  # loading keeps the order
+    grown = model.resize_vocab(101)
+    assert grown.lm_head.weight.t().is_contiguous()
+    # the new rows (the mean of the old ones) are summed in the same order either way
+    assert torch.equal(grown.wte.weight, row.resize_vocab(101).wte.weight)
 
 
 def test_attention_built_from_the_config_equals_the_checked_constructor():

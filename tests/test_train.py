@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from minigpt.checkpoint import CheckpointError
+from minigpt.checkpoint import CheckpointError, load_optimizer, save_optimizer
 from minigpt.data import train_val_split
 from minigpt.model import GPT, GPTConfig
 from minigpt.optim import adamw_update, clip_grad_norm, configure_optimizer, lr_at
@@ -189,6 +189,58 @@ def test_ctrl_c_saves_and_resume_is_exact(tmp_path):
     assert history.train_loss == full.train_loss  # bit for bit, dropout included
     assert history.val_loss == full.val_loss
     assert (tmp_path / "run" / "best" / "trainer.json").is_file()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_training_gives_the_same_bits_in_either_weight_order(fused):
+    """Column-major weights (minigpt.model) train bit for bit like row-major ones: the
+    products and AdamW agree, and clipping sums each gradient's norm in row-major order
+    (a sum in memory order rounds differently, and the models drift apart)."""
+    runs = []
+    for order in ("column-major", "row-major"):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig.preset("cpu-small", vocab_size=V))
+        if order == "row-major":
+            for m in model.modules():
+                if isinstance(m, torch.nn.Linear):
+                    m.weight.data = m.weight.data.contiguous()
+        opt = configure_optimizer(model, lr=1e-3, weight_decay=0.1, fused=fused)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(12):
+            x = torch.randint(0, V, (8, 64), generator=g)
+            opt.zero_grad(set_to_none=True)
+            model(x, x.roll(1, 1))[1].backward()
+            clip_grad_norm(model.parameters(), 0.5)
+            opt.step()
+        runs.append(list(model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+def test_reloaded_moments_have_their_weights_memory_layout(tmp_path):
+    """GPT's linear weights are column-major; safetensors stores row-major. The fused
+    AdamW kernel reads weight, gradient and moments as flat memory, so a reloaded
+    moment in the other order would update the wrong numbers without an error."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny", vocab_size=V))
+    optimizer = configure_optimizer(model, lr=1e-2, weight_decay=0.1, fused=True)
+    idx = torch.randint(0, V, (2, 16))
+    model(idx, idx)[1].backward()
+    optimizer.step()
+    groups = save_optimizer(optimizer, tmp_path)
+    again = GPT(model.config)
+    again.load_state_dict(model.state_dict())
+    reloaded = configure_optimizer(again, lr=1e-2, weight_decay=0.1, fused=True)
+    load_optimizer(reloaded, tmp_path, groups)
+    for p in again.parameters():
+        for value in reloaded.state[p].values():
+            if value.shape == p.shape:
+                assert value.stride() == p.stride()
+    for m, opt in [(model, optimizer), (again, reloaded)]:
+        opt.zero_grad()
+        m(idx, idx)[1].backward()
+        opt.step()
+    for a, b in zip(model.parameters(), again.parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_train_function_resumes(tmp_path):
