@@ -150,7 +150,7 @@ def main() -> int:
     same = torch.equal(out_hf, out_mini) and torch.equal(out_mini, out_nocache)
     if row is not None:
         same = same and torch.equal(out_mini, out_row)
-    print(f"same tokens from all three: {same}")
+    print(f"same tokens from every run: {same}")
 
     rate = {k: new_tokens / t for k, t in [("hf", t_hf), ("mini", t_mini), ("none", t_nocache)]}
     print(f"transformers generate (KV cache, sdpa): {rate['hf']:8.1f} tokens/s")

@@ -249,8 +249,8 @@ def _store_column_major(module: nn.Module) -> None:
     values and state dict, in the memory order of GPT-2's Conv1D. Generating at batch
     1 multiplies one row by each matrix, and BLAS streams ``x @ W`` with W (in, out)
     row-major faster: GPT-2 124M's matrices took 21 ms instead of 29 per token on a
-    2-core AMD EPYC (``benchmarks/generate.py``). Training takes the same time and,
-    with ``minigpt.optim.clip_grad_norm``, computes the same bits."""
+    2-core AMD EPYC (``benchmarks/generate.py``). Training takes about the same time
+    and, with ``minigpt.optim.clip_grad_norm``, computes the same bits."""
     for m in module.modules():
         if isinstance(m, nn.Linear) and m.weight.dim() == 2 and m.weight.is_contiguous():
             m.weight.data = m.weight.data.t().contiguous().t()
