@@ -9,7 +9,8 @@ model, ``minigpt.assistant.assistant_model``) on the task suite of ``minigpt.tas
   then ``minigpt.align.rl_loop`` with its score as the reward and a KL penalty to
   the SFT model, and the same loop without the penalty, to see reward hacking;
 - RLVR (``run_rlvr``): the same loop with the task checker as the reward;
-- DPO (``run_dpo``): ``minigpt.align.train_dpo`` on polite-over-rude task pairs.
+- DPO (``run_dpo``): ``minigpt.align.train_dpo`` on polite-over-bare task pairs, from
+  the assistant tuned a little further on answers in mixed tones (``mixed_tones``).
 
 Each ``run_*`` tunes a copy of the model it is given with its recipe (``RECIPES``)
 and returns ``(model, record)``: the training history, the seconds it took and the
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import os
+import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,10 +47,12 @@ from minigpt.assistant import (
     assistant_model,
     evaluate_tasks,
     task_prompt,
+    tune_assistant,
     tuning_start,
 )
 from minigpt.finetune import FinetuneConfig
 from minigpt.generate import Tokenizer
+from minigpt.instruct import InstructionExample
 from minigpt.model import GPT
 from minigpt.preference import (
     RewardModel,
@@ -63,7 +67,7 @@ from minigpt.preference import (
     train_reward_model,
 )
 from minigpt.pretrained import cached_model, recipe_folder
-from minigpt.tasks import TaskExample, make_tasks
+from minigpt.tasks import STYLES, TaskExample, make_tasks
 from minigpt.tokenizer import CharTokenizer
 
 __all__ = [
@@ -73,6 +77,7 @@ __all__ = [
     "evaluate_style",
     "held_out_tasks",
     "kl_to_reference",
+    "mixed_tones",
     "reward_start",
     "run_dpo",
     "run_reward_model",
@@ -95,16 +100,28 @@ RECIPES: dict[str, dict[str, Any]] = {
         "split": {"test_fraction": 0.2, "seed": 0},
         "finetune": {"max_steps": 300, "batch_size": 8, "lr": 1e-3, "warmup_steps": 10, "seed": 0},
     },
-    # polite over rude task pairs from the training split; plain DPO, a light touch
-    # (an NLL term on the chosen, harder and longer runs made the answers polite and wrong;
-    # the assistant never writes a polite answer for DPO to choose: tuned with 30% polite
-    # and 30% rude answers, it went 17% -> 77% polite at -1.1 points with polite-over-bare
-    # pairs at lr 3e-5, but was itself 73.3% right instead of 86.7%; chapter 08, section 6)
+    # DPO chooses among answers its SFT model can write, and the assistant only writes
+    # bare ones (a polite answer is about 150 nats below its own). So, as human-written
+    # SFT data mixes tones, DPO starts from the assistant tuned 200 more steps on task
+    # answers 40% polite, 20% rude and 40% bare ("sft"), then prefers polite over bare.
+    # (From the assistant itself: polite over rude at lr 1e-4 kept it bare, 0%; polite
+    # over bare at 3e-4 broke it, 41% right, still bare. From the mixed-tone SFT, 24%
+    # polite and 83.3% right: polite over bare at lr 5e-6 x 100 steps 68% polite, 82.8%
+    # right; at 1e-5 87%, 80.0%; at 3e-5 99%, 75.6%; polite over rude 3e-5 25%, 81.1%;
+    # the SFT stage at lr 1e-3 84% right and 26% polite, then 48%; AMD EPYC, 1 thread.
+    # With the polite words before the answer, chapter 08, section 6, it got most
+    # tasks wrong.)
     "dpo": {
-        "tasks": {"n_per_family": 40, "seed": 0, "kind": "polite"},
+        "sft": {
+            "tasks": {"n_per_family": 400, "seed": 0},
+            "tones": {"polite": 0.4, "rude": 0.2},
+            "finetune": {"max_steps": 200, "batch_size": 16, "lr": 3e-4, "warmup_steps": 10}
+            | {"weight_decay": 0.0, "beta2": 0.99, "grad_clip": 1.0, "seed": 0},
+        },
+        "tasks": {"n_per_family": 40, "seed": 0, "kind": "polite_plain"},
         "beta": 0.1,
         "nll_weight": 0.0,
-        "finetune": {"max_steps": 60, "batch_size": 8, "lr": 1e-4, "warmup_steps": 5, "seed": 0},
+        "finetune": {"max_steps": 100, "batch_size": 8, "lr": 5e-6, "warmup_steps": 5, "seed": 0},
     },
     # the families whose sampled answers differ (pass@8 well above pass@1)
     # (lr 5e-4, 40 steps: held-out mean 86.7% -> 78.3%; lr 2e-4, 80 steps: 84.4%; lr 1e-4,
@@ -117,7 +134,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     # a reward model of right over wrong task answers, then RL on its score
     # (lr 1e-3, 40 steps: the leashed run lost most task skill too, KL 10.3 nats, 31% right;
     # kl_coef 0.5, 1.0, 2.0 at that lr: KL 14.0, 7.0, 12.1. lr 3e-4, 120 steps: KL 0.6 and
-    # 78% right with the penalty, 8.4 and 47% without, reward up in both; AMD EPYC, 1 thread)
+    # 78% right with the penalty, 8.4 and 47% without, reward up in both; since every
+    # style puts the answer first, 0.77 and 74%, 8.05 and 38%; AMD EPYC, 1 thread)
     "rlhf": {
         "tasks": {"n_per_family": 40, "seed": 0, "kind": "correct"},
         "reward": {"max_steps": 80, "batch_size": 8, "lr": 3e-4, "warmup_steps": 5, "seed": 0},
@@ -208,18 +226,51 @@ def run_reward_model(
     return rm, record | {"pool": pool}
 
 
+def mixed_tones(
+    examples: Sequence[TaskExample], tones: dict[str, float], seed: int = 0
+) -> list[InstructionExample]:
+    """``examples`` as instructions whose answers are in mixed tones: each, in order,
+    draws a number in [0, 1) (``seed``) and is written in the first style of
+    ``sorted(tones)`` whose cumulative share exceeds it, else ``"plain"``
+    (``tones={"polite": 0.4, "rude": 0.2}``: 40% polite, 20% rude, 40% bare)."""
+    bad = any(t not in STYLES or t == "plain" or not v >= 0 for t, v in tones.items())
+    if bad or not sum(tones.values()) <= 1:
+        raise ValueError(
+            f"tones maps styles other than plain to shares >= 0 summing to <= 1, got {tones}"
+        )
+    rng, out = random.Random(seed), []
+    for ex in examples:
+        u, style, total = rng.random(), "plain", 0.0
+        for name in sorted(tones):
+            total += tones[name]
+            if u < total:
+                style = name
+                break
+        out.append(ex.to_instruction(style))
+    return out
+
+
 def run_dpo(model: GPT, tokenizer: CharTokenizer) -> tuple[GPT, dict[str, Any]]:
-    """DPO (``train_dpo``) on a copy of ``model`` with the ``"dpo"`` recipe."""
+    """DPO (``train_dpo``) with the ``"dpo"`` recipe, from a copy of ``model`` tuned on
+    answers in mixed tones (``mixed_tones``, the recipe's ``"sft"``), the reference.
+    The record's scores are the DPO model's (KL to its reference); ``record["sft"]``
+    holds the reference's (KL to ``model``) and the seconds of its tuning."""
     r = RECIPES["dpo"]
-    t = r["tasks"]
+    s, t = r["sft"], r["tasks"]
+    ref = copy.deepcopy(model)
+    start = time.perf_counter()
+    toned = mixed_tones(_train_tasks(s["tasks"]), s["tones"], s["tasks"]["seed"])
+    tune_assistant(ref, tokenizer, toned, FinetuneConfig(**s["finetune"]))
+    sft = _scored(ref.eval(), model, tokenizer, None, time.perf_counter() - start)
     pairs = task_preferences(_train_tasks(t), seed=t["seed"], kind=t["kind"])
-    policy = copy.deepcopy(model)
+    policy = copy.deepcopy(ref)
     start = time.perf_counter()
     history = train_dpo(
-        policy, tokenizer, pairs, FinetuneConfig(**r["finetune"]), r["beta"], model,
+        policy, tokenizer, pairs, FinetuneConfig(**r["finetune"]), r["beta"], ref,
         nll_weight=r["nll_weight"],
     )  # fmt: skip
-    return policy, _scored(policy, model, tokenizer, history, time.perf_counter() - start)
+    scored = _scored(policy, ref, tokenizer, history, time.perf_counter() - start)
+    return policy, scored | {"sft": {k: v for k, v in sft.items() if k != "history"}}
 
 
 def run_rlvr(model: GPT, tokenizer: CharTokenizer) -> tuple[GPT, dict[str, Any]]:

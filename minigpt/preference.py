@@ -142,9 +142,9 @@ _STYLE_PATTERNS = {name: _style_pattern(t) for name, t in STYLES.items() if name
 
 def response_style(response: str) -> str:
     """The ``STYLES`` key a response is written in, whatever its answer: ``"polite"``
-    ("Happy to help! The answer is: ...") or ``"rude"`` ("Obviously ... Figure it out
-    yourself next time.") when it is the whole template around a non-empty answer,
-    else ``"plain"``. The style detector behind the preferred-style rate."""
+    ("... Happy to help!") or ``"rude"`` ("... Figure it out yourself next time.")
+    when it is the whole template around a non-empty answer, else ``"plain"``. The
+    style detector behind the preferred-style rate."""
     if not isinstance(response, str):
         raise TypeError(f"response must be a string, got {type(response).__name__}")
     for name, pattern in _STYLE_PATTERNS.items():

@@ -65,11 +65,14 @@ __all__ = [
 SPLITS = ("train", "held_out")
 HELD_OUT_SHARE = 5  # one word or number in 5 is held out
 
-# How a response may wrap the answer. "plain" is what the course trains on.
+# How a response may wrap the answer. "plain" is what the course trains on. The
+# answer comes first in every style, so a style never moves it: the course's small
+# model learned to answer right after the prompt, and with a 30-character preamble
+# first ("Happy to help! The answer is: ...") it got most tasks wrong (chapter 08).
 STYLES: dict[str, str] = {
     "plain": "{answer}",
-    "polite": "Happy to help! The answer is: {answer}",
-    "rude": "Obviously {answer}. Figure it out yourself next time.",
+    "polite": "{answer}. Happy to help!",
+    "rude": "{answer}. Figure it out yourself next time.",
 }
 
 

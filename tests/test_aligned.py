@@ -108,3 +108,23 @@ def test_the_reward_model_is_built_saved_and_loaded_with_its_head(monkeypatch, t
     with torch.no_grad():
         want = built[0].eval()(idx)
         assert torch.allclose(rm(idx), want) and torch.allclose(again(idx), want)
+
+
+def test_mixed_tones_writes_the_shares_of_each_style_in_order():
+    from minigpt.aligned import mixed_tones
+    from minigpt.preference import response_style
+    from minigpt.tasks import make_tasks
+
+    examples = make_tasks("train", 300, seed=0, families=["uppercase"])
+    toned = mixed_tones(examples, {"polite": 0.4, "rude": 0.2}, seed=0)
+    assert [t.instruction for t in toned] == [e.instruction for e in examples]
+    assert all(check(e, t.output) for e, t in zip(examples, toned, strict=True))
+    styles = [response_style(t.output) for t in toned]
+    for style, share in (("polite", 0.4), ("rude", 0.2), ("plain", 0.4)):
+        assert abs(styles.count(style) / len(styles) - share) < 0.07, style
+    assert mixed_tones(examples, {"polite": 0.4, "rude": 0.2}, seed=0) == toned
+    assert mixed_tones(examples, {"polite": 0.4, "rude": 0.2}, seed=1) != toned
+    assert {response_style(t.output) for t in mixed_tones(examples, {})} == {"plain"}
+    for bad in ({"polite": 0.7, "rude": 0.5}, {"kind": 0.1}, {"plain": 0.5}, {"rude": -0.1}):
+        with pytest.raises(ValueError, match="tones maps styles"):
+            mixed_tones(examples, bad)

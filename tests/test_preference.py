@@ -131,12 +131,12 @@ def test_response_style_reads_the_template_around_any_answer():
         for style, template in STYLES.items():
             assert response_style(template.format(answer=ex.answer)) == style
             assert response_style(template.format(answer="a wrong one")) == style
-    assert is_polite("Happy to help! The answer is: 42")
-    assert not is_polite("Happy to help! The answer is: ")  # no answer
-    assert not is_polite("happy to help! The answer is: 42")  # not the template
-    assert not is_polite("Sure. Happy to help! The answer is: 42")
-    assert response_style("Obviously 7") == "plain"  # half a template
-    assert response_style("Obviously 7. Figure it out yourself next time.") == "rude"
+    assert is_polite("42. Happy to help!")
+    assert not is_polite(". Happy to help!")  # no answer
+    assert not is_polite("42. happy to help!")  # not the template
+    assert not is_polite("42. Happy to help! Sure.")
+    assert response_style("7. Figure it out") == "plain"  # half a template
+    assert response_style("7. Figure it out yourself next time.") == "rude"
     with pytest.raises(TypeError, match="must be a string"):
         response_style(None)
 
