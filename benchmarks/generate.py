@@ -35,6 +35,7 @@ from timing import best_time  # benchmarks/timing.py
 
 from minigpt import GPT, GPTConfig
 from minigpt.generate import generate
+from minigpt.model import _store_column_major
 
 
 def hf_gpt2(n_layer: int, n_embd: int, n_head: int, seed: int = 0):
@@ -108,9 +109,7 @@ def main() -> int:
     row = None
     if args.row_major:  # the same weights in nn.Linear's default order
         row = to_minigpt(hf)
-        for m in row.modules():
-            if isinstance(m, torch.nn.Linear):
-                m.weight.data = m.weight.data.contiguous()
+        _store_column_major(row, column_major=False)
     prompt = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(0))
     print(
         f"GPT-2 configuration, {n_layer} layers, width {n_embd}, {mini.num_parameters() / 1e6:.0f}M parameters, "

@@ -244,16 +244,20 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-def _store_column_major(module: nn.Module) -> None:
+def _store_column_major(module: nn.Module, column_major: bool = True) -> None:
     """Store every ``nn.Linear`` weight column-major, in place: same (out, in) shape,
     values and state dict, in the memory order of GPT-2's Conv1D. Generating at batch
     1 multiplies one row by each matrix, and BLAS streams ``x @ W`` with W (in, out)
     row-major faster: GPT-2 124M's matrices took 21 ms instead of 29 per token on a
     2-core AMD EPYC (``benchmarks/generate.py``). Training takes about the same time
-    and, with ``minigpt.optim.clip_grad_norm``, computes the same bits."""
+    and, with ``minigpt.optim.clip_grad_norm``, computes the same bits.
+    ``column_major=False`` stores them row-major again (to compare the two orders)."""
     for m in module.modules():
-        if isinstance(m, nn.Linear) and m.weight.dim() == 2 and m.weight.is_contiguous():
-            m.weight.data = m.weight.data.t().contiguous().t()
+        if isinstance(m, nn.Linear) and m.weight.dim() == 2:
+            if not column_major:
+                m.weight.data = m.weight.data.contiguous()
+            elif m.weight.is_contiguous():
+                m.weight.data = m.weight.data.t().contiguous().t()
 
 
 def _stored_numbers(module: nn.Module) -> int:

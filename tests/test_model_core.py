@@ -15,6 +15,7 @@ from minigpt import GPT, GPTConfig
 from minigpt.attention import CausalSelfAttention
 from minigpt.checkpoint import CheckpointError
 from minigpt.generate import generate
+from minigpt.model import _store_column_major
 
 VARIANTS = [
     ("tiny", {"positions": "learned"}),
@@ -159,9 +160,7 @@ def test_linear_weights_are_stored_column_major_and_compute_the_same(preset, tmp
     model = GPT(GPTConfig.preset(preset, vocab_size=97)).eval()
     row = GPT(copy.deepcopy(model.config)).eval()
     row.load_state_dict(model.state_dict())
-    for m in row.modules():
-        if isinstance(m, nn.Linear):
-            m.weight.data = m.weight.data.contiguous()
+    _store_column_major(row, column_major=False)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert linears and all(m.weight.t().is_contiguous() for m in linears)
     assert all(m.weight.is_contiguous() for m in row.modules() if isinstance(m, nn.Linear))

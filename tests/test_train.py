@@ -19,7 +19,7 @@ import torch
 
 from minigpt.checkpoint import CheckpointError, load_optimizer, save_optimizer
 from minigpt.data import train_val_split
-from minigpt.model import GPT, GPTConfig
+from minigpt.model import GPT, GPTConfig, _store_column_major
 from minigpt.optim import adamw_update, clip_grad_norm, configure_optimizer, lr_at
 from minigpt.tokens import TokenDataset, cached_tokens, encode_to_file, load_tokens
 from minigpt.train import TrainConfig, Trainer, TrainingDivergedError, train
@@ -201,9 +201,7 @@ def test_training_gives_the_same_bits_in_either_weight_order(fused):
         torch.manual_seed(0)
         model = GPT(GPTConfig.preset("cpu-small", vocab_size=V))
         if order == "row-major":
-            for m in model.modules():
-                if isinstance(m, torch.nn.Linear):
-                    m.weight.data = m.weight.data.contiguous()
+            _store_column_major(model, column_major=False)
         opt = configure_optimizer(model, lr=1e-3, weight_decay=0.1, fused=fused)
         g = torch.Generator().manual_seed(1)
         for _ in range(12):
