@@ -232,8 +232,8 @@ keep that KL penalty, when the reward is what we want?
             "model's. A policy free to move drifts to text the judge over-scores (reward "
             "hacking) and forgets what SFT taught; the penalty keeps it near what the judge knows.",
             "In the lesson's runs, the one without the penalty moved further from the SFT "
-            "model (held-out KL 8.36 nats against 0.63) and lost more task accuracy (46.7% "
-            "against 78.3%, SFT 86.7%), while the judge scored it higher.",
+            "model (held-out KL 8.05 nats against 0.77) and lost more task accuracy (38.3% "
+            "against 74.4%, SFT 86.7%), while the judge scored it higher.",
         ),
         Option(
             "It makes each RL step cheaper: a policy that stays near the SFT model needs "
