@@ -26,6 +26,13 @@ printed are those of the training run, as it was recorded.
 
     python benchmarks/align.py
     python benchmarks/align.py --reward-seeds 3   # also: the reward model's variants
+    python benchmarks/align.py --group-signal     # also: where RLVR has a signal
+
+``--group-signal`` samples 8 answers at the RLVR recipe's temperature to 40 training
+prompts per family and to the held-out prompts, and prints per family the sampled
+accuracy and the share of groups holding both a right and a wrong answer (the only
+groups a group baseline learns from): the measurement behind chapter 08's account of
+RLVR.
 
 ``--reward-seeds N`` trains the reward-model recipe N more times, and N times each
 with its other start (``"sft"`` or ``"base"``) and with its other pool (``"last"``
@@ -41,6 +48,7 @@ import time
 
 import torch
 
+from minigpt.align import sample_responses, task_reward
 from minigpt.aligned import (
     RECIPES,
     aligned_model,
@@ -50,7 +58,10 @@ from minigpt.aligned import (
     reward_start,
     run_reward_model,
 )
-from minigpt.assistant import assistant_model
+from minigpt.assistant import assistant_model, task_prompt
+from minigpt.model import GPT
+from minigpt.tasks import FAMILIES, make_tasks
+from minigpt.tokenizer import CharTokenizer
 
 TIME_GOAL = 180.0
 RM_GOAL, DPO_STYLE_GOAL, DPO_ACC_DROP, RLVR_GOAL, KL_BOUND = 0.90, 0.20, 0.02, 0.05, 5.0
@@ -95,8 +106,38 @@ def compare_reward_variants(n_seeds: int) -> None:
         )
 
 
+def group_signal(model: GPT, tokenizer: CharTokenizer, n: int = 40, group: int = 8) -> None:
+    """Where RLVR can learn: per family, the SFT model's sampled accuracy and the share
+    of groups (``group`` samples at the RLVR recipe's temperature) that hold both a
+    right and a wrong answer, the only groups whose advantages are not all zero, on
+    ``n`` training prompts and on the held-out prompts."""
+    temperature = RECIPES["rlvr"]["rl"].get("temperature", 1.0)
+    for split, examples in (("train", make_tasks("train", n, seed=0)), ("held", held_out_tasks())):
+        rollouts = sample_responses(
+            model, tokenizer, [task_prompt(e) for e in examples], n=group,
+            temperature=temperature, max_new_tokens=24, seed=0,
+        )  # fmt: skip
+        for family in FAMILIES:
+            groups = [
+                [task_reward(e, text) for text in texts]
+                for e, texts in zip(examples, rollouts.texts, strict=True)
+                if e.family == family
+            ]
+            right = mean([mean(g) for g in groups])
+            mixed = mean([float(0 < sum(g) < group) for g in groups])
+            print(
+                f"align: rlvr signal, {split} prompts, {family}: sampled accuracy {right:.0%}, "
+                f"groups with right and wrong answers {mixed:.0%}"
+            )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--group-signal",
+        action="store_true",
+        help="also print, per task family, how many sampled groups hold a learning signal",
+    )
     parser.add_argument(
         "--reward-seeds",
         type=int,
@@ -179,6 +220,8 @@ def main() -> int:
         )
     if args.reward_seeds:
         compare_reward_variants(args.reward_seeds)
+    if args.group_signal:
+        group_signal(sft, tokenizer)
     print(f"align: total {time.perf_counter() - start:.0f} s")
     return 0
 

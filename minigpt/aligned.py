@@ -126,7 +126,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     # the families whose sampled answers differ (pass@8 well above pass@1)
     # (lr 5e-4, 40 steps: held-out mean 86.7% -> 78.3%; lr 2e-4, 80 steps: 84.4%; lr 1e-4,
     # 120 steps: 87.2%, 160 steps: 86.1%, on count, compare, spell and repeat: 85.6%; group
-    # 16: 86.7%; lr 5e-5, 300 steps: 87.8%, count still 50%, in 221 s; AMD EPYC)
+    # 16: 86.7%; lr 5e-5, 300 steps: 87.8%, count still 50%, in 221 s; temperature 0.7:
+    # 86.1%, on count, repeat, spell and compare 87.2%; AMD EPYC)
     "rlvr": {
         "tasks": {"n_per_family": 100, "seed": 0, "families": ["compare", "count", "convert"]},
         "rl": {**_RL, "max_steps": 120, "lr": 1e-4, "kl_coef": 0.05},
