@@ -34,3 +34,7 @@ def test_the_time_to_quality_benchmark_trains_the_course_recipe():
     spec.loader.exec_module(bench)
     assert bench.RECIPE["model"] == SHAKESPEARE_CHAR["model"]
     assert bench.RECIPE["train"] == SHAKESPEARE_CHAR["train"]
+    # --short: the same model, only the batch, the learning rate and the precision differ
+    assert bench.SHORT["model"] == SHAKESPEARE_CHAR["model"]
+    changed = {k for k, v in bench.SHORT["train"].items() if SHAKESPEARE_CHAR["train"].get(k) != v}
+    assert changed == {"batch_size", "lr"} and bench.SHORT["dtype"] == "bfloat16"
