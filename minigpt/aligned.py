@@ -234,6 +234,8 @@ def mixed_tones(
     draws a number in [0, 1) (``seed``) and is written in the first style of
     ``sorted(tones)`` whose cumulative share exceeds it, else ``"plain"``
     (``tones={"polite": 0.4, "rude": 0.2}``: 40% polite, 20% rude, 40% bare)."""
+    if not isinstance(tones, dict):
+        raise TypeError(f"tones must be a dict of style -> share, got {type(tones).__name__}")
     bad = any(t not in STYLES or t == "plain" or not v >= 0 for t, v in tones.items())
     if bad or not sum(tones.values()) <= 1:
         raise ValueError(

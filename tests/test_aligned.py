@@ -128,3 +128,5 @@ def test_mixed_tones_writes_the_shares_of_each_style_in_order():
     for bad in ({"polite": 0.7, "rude": 0.5}, {"kind": 0.1}, {"plain": 0.5}, {"rude": -0.1}):
         with pytest.raises(ValueError, match="tones maps styles"):
             mixed_tones(examples, bad)
+    with pytest.raises(TypeError, match="tones must be a dict"):
+        mixed_tones(examples, [("polite", 0.4)])
