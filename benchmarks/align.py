@@ -48,7 +48,7 @@ import time
 
 import torch
 
-from minigpt.align import sample_responses, task_reward
+from minigpt.align import RLConfig, sample_responses, task_reward
 from minigpt.aligned import (
     RECIPES,
     aligned_model,
@@ -111,11 +111,11 @@ def group_signal(model: GPT, tokenizer: CharTokenizer, n: int = 40, group: int =
     of groups (``group`` samples at the RLVR recipe's temperature) that hold both a
     right and a wrong answer, the only groups whose advantages are not all zero, on
     ``n`` training prompts and on the held-out prompts."""
-    temperature = RECIPES["rlvr"]["rl"].get("temperature", 1.0)
+    rl = RLConfig(**RECIPES["rlvr"]["rl"])
     for split, examples in (("train", make_tasks("train", n, seed=0)), ("held", held_out_tasks())):
         rollouts = sample_responses(
             model, tokenizer, [task_prompt(e) for e in examples], n=group,
-            temperature=temperature, max_new_tokens=24, seed=0,
+            temperature=rl.temperature, max_new_tokens=rl.max_new_tokens, seed=0,
         )  # fmt: skip
         for family in FAMILIES:
             groups = [

@@ -264,7 +264,8 @@ def run_dpo(model: GPT, tokenizer: CharTokenizer) -> tuple[GPT, dict[str, Any]]:
     start = time.perf_counter()
     toned = mixed_tones(_train_tasks(s["tasks"]), s["tones"], s["tasks"]["seed"])
     tune_assistant(ref, tokenizer, toned, FinetuneConfig(**s["finetune"]))
-    sft = _scored(ref.eval(), model, tokenizer, None, time.perf_counter() - start)
+    sft = {"seconds": time.perf_counter() - start}
+    sft |= evaluate_style(ref, tokenizer, held_out_tasks(), model)
     pairs = task_preferences(_train_tasks(t), seed=t["seed"], kind=t["kind"])
     policy = copy.deepcopy(ref)
     start = time.perf_counter()
@@ -273,7 +274,7 @@ def run_dpo(model: GPT, tokenizer: CharTokenizer) -> tuple[GPT, dict[str, Any]]:
         nll_weight=r["nll_weight"],
     )  # fmt: skip
     scored = _scored(policy, ref, tokenizer, history, time.perf_counter() - start)
-    return policy, scored | {"sft": {k: v for k, v in sft.items() if k != "history"}}
+    return policy, scored | {"sft": sft}
 
 
 def run_rlvr(model: GPT, tokenizer: CharTokenizer) -> tuple[GPT, dict[str, Any]]:

@@ -202,6 +202,9 @@ def test_training_gives_the_same_bits_in_either_weight_order(fused):
         model = GPT(GPTConfig.preset("cpu-small", vocab_size=V))
         if order == "row-major":
             _store_column_major(model, column_major=False)
+        linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        # the two runs really differ in memory order (else the equality below says nothing)
+        assert linears and all(w.is_contiguous() == (order == "row-major") for w in linears)
         opt = configure_optimizer(model, lr=1e-3, weight_decay=0.1, fused=fused)
         g = torch.Generator().manual_seed(1)
         for _ in range(12):
