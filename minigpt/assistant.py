@@ -1,8 +1,9 @@
 """The course's assistant and translator: the base model instruction-tuned on tasks,
 and on English-French pairs.
 
-- ``task_prompt`` and ``translation_prompt`` write the prompts the assistant answers
-  (the course template without Alpaca's preamble; see ``PROMPT_INTRO_USED``).
+- ``task_prompt`` and ``translation_prompt`` write the prompts the two models answer
+  (tasks: the course template without Alpaca's preamble, see ``PROMPT_INTRO_USED``;
+  translation: the short ``"English: ...\\nFrench: "``, ``language_prompt``).
 - ``respond`` answers a list of prompts by greedy decoding, batched, stopping at the
   end of the first line (the assistant learns to end its response with a newline).
 - ``evaluate_tasks`` and ``evaluate_translation`` score it on held-out tasks
@@ -38,8 +39,10 @@ from minigpt.tasks import FAMILIES, TaskExample, accuracy_by_family, make_tasks
 from minigpt.tokenizer import CharTokenizer
 from minigpt.translation import (
     TranslationPair,
+    back_translation_example,
     chrf,
     exact_match,
+    language_prompt,
     load_translation_pairs,
     references,
     split_by_source,
@@ -89,16 +92,23 @@ ASSISTANT: dict[str, Any] = {
     "tasks": {"families": list(FAMILIES), "n_per_family": 2000, "seed": 0},
     "finetune": {**_FINETUNE, "lr": 1e-3, "max_steps": 3800},
 }
-# Translation: the Tatoeba training sentences (test: a fifth of the English ones).
-# Below the nearest-neighbour baseline (exact 5.2%, chrF 34.3); so were, tuned from the
-# assistant at lr 1e-3 (benchmarks/instruct.py --translation-trials, AMD EPYC, 2
-# threads), the plain prompt (2.1%, 27.8) and the prompt with the nearest other
-# training pair in it (2.1%, 26.3); 4,000 steps instead of 1,500 (about 580 s at one
-# thread) 3.7%, 26.8 at lr 3e-3 and 4.0%, 28.3 at lr 1e-3.
+# Translation: the Tatoeba training pairs both ways (English to French and back), in
+# the short prompt (language_prompt), 8,000 steps (test: a fifth of the English
+# sentences). Nearest-neighbour baseline: exact 5.2%, chrF 34.3. Measured (AMD EPYC, one
+# thread; exact, chrF on test, then on 300 training sentences):
+# - course template, 1,500 steps: 1.0%, 23.7 (at lr 1e-3 0.8%, 23.9, train 5.3%, 28.8: it
+#   has not even learned its training pairs); 4,000 steps 3.7%, 26.8 (lr 1e-3 4.0%, 28.3);
+#   from the assistant, 1,500 steps at lr 1e-3, 2.1%, 27.8; with the nearest other
+#   training pair in the prompt 2.1%, 26.3.
+# - short prompt, one way: 1,500 steps at lr 1e-3 0.8%, 25.2 (train 9%, 34); at lr 3e-3,
+#   6,000 steps 4.4%, 29.1 (train 99%, 99: memorised, yet no better on new sentences);
+#   dropout 0.1 2.9%, 28.0 (train 23%); the nearest other pair in the prompt 2.1%, 26.9.
+# - short prompt, both ways: 8,000 steps 5.4%, 29.7 (train 84%, 88; 437 s); 12,000
+#   4.4%, 29.8; 8,000 at batch 32 4.8%, 29.8. A plateau near chrF 30.
 TRANSLATOR: dict[str, Any] = {
     "base": ASSISTANT["base"],
-    "translation": {"test_fraction": 0.2, "seed": 0},
-    "finetune": {**_FINETUNE, "max_steps": 1500},
+    "translation": {"test_fraction": 0.2, "seed": 0, "both_ways": True},
+    "finetune": {**_FINETUNE, "max_steps": 8000},
 }
 
 
@@ -108,8 +118,8 @@ def task_prompt(example: TaskExample) -> str:
 
 
 def translation_prompt(english: str) -> str:
-    """The prompt that asks for the French of ``english``."""
-    return format_prompt(translation_example(english), PROMPT_INTRO_USED)
+    """The prompt that asks for the French of ``english``: ``"English: Go.\\nFrench: "``."""
+    return language_prompt(translation_example(english))
 
 
 @torch.no_grad()
@@ -185,13 +195,16 @@ def instruction_data(recipe: dict[str, Any] | None = None) -> dict[str, Any]:
 
 def translation_data(recipe: dict[str, Any] | None = None) -> dict[str, Any]:
     """The translation data of ``recipe`` (default ``TRANSLATOR``): ``train`` (one
-    ``InstructionExample`` per training pair), and the ``train_pairs`` and
-    ``test_pairs`` of the split by English sentence."""
+    ``InstructionExample`` per training pair, then with ``both_ways`` one per pair
+    from French to English), and the ``train_pairs`` and ``test_pairs`` of the split
+    by English sentence."""
     t = (recipe or TRANSLATOR)["translation"]
     train_pairs, test_pairs = split_by_source(
         load_translation_pairs(), test_fraction=t["test_fraction"], seed=t["seed"]
     )
     train = [translation_example(p.source, p.target) for p in train_pairs]
+    if t.get("both_ways"):
+        train += [back_translation_example(p.target, p.source) for p in train_pairs]
     return {"train": train, "train_pairs": train_pairs, "test_pairs": test_pairs}
 
 
@@ -213,14 +226,17 @@ def tune_assistant(
     tokenizer: CharTokenizer,
     train: Sequence[InstructionExample],
     config: FinetuneConfig,
+    prompt: Callable[[InstructionExample], str] | None = None,
 ) -> History:
     """Instruction-tune ``model`` on ``train``: the loss on the responses only, each
-    response ended with a newline (the stop token ``respond`` uses)."""
+    response ended with a newline (the stop token ``respond`` uses). ``prompt``
+    writes the prompts (default: the course template without its preamble; the
+    translator's is ``language_prompt``)."""
     collator = InstructionCollator(
         pad_id=0, eos_id=tokenizer.encode("\n")[0], max_length=model.config.block_size
     )
     return train_instructions(
-        model, train, tokenizer.encode, config, collator=collator, intro=PROMPT_INTRO_USED
+        model, train, tokenizer.encode, config, collator, PROMPT_INTRO_USED, prompt
     )
 
 
@@ -229,11 +245,16 @@ def _model_dir(
     name: str,
     recipe: dict[str, Any],
     train: Sequence[InstructionExample],
+    prompt: Callable[[InstructionExample], str] | None = None,
 ) -> Path:
     """The cache folder, named by a hash of the recipe and of the training data itself
-    (so a change to the task generator or the data file trains a new model)."""
+    (so a change to the task generator or the data file trains a new model), and of
+    the first prompt when ``prompt`` writes them (a new prompt format, a new model)."""
     examples = [[e.instruction, e.input, e.output] for e in train]
-    return recipe_folder(cache, name, {"recipe": recipe, "train": examples})
+    key: dict[str, Any] = {"recipe": recipe, "train": examples}
+    if prompt is not None and train:
+        key["prompt"] = prompt(train[0])
+    return recipe_folder(cache, name, key)
 
 
 def assistant_model(
@@ -254,7 +275,9 @@ def translator_model(
 ) -> tuple[GPT, CharTokenizer, dict[str, Any]]:
     """The course's translator: ``tuning_start`` tuned on the Tatoeba training pairs
     with ``TRANSLATOR``, cached like ``assistant_model`` (``translator-<hash>``)."""
-    return _cached(cache, "translator", TRANSLATOR, lambda: translation_data()["train"])
+    return _cached(
+        cache, "translator", TRANSLATOR, lambda: translation_data()["train"], language_prompt
+    )
 
 
 def _cached(
@@ -262,18 +285,21 @@ def _cached(
     name: str,
     recipe: dict[str, Any],
     train: Callable[[], list[InstructionExample]],
+    prompt: Callable[[InstructionExample], str] | None = None,
 ) -> tuple[GPT, CharTokenizer, dict[str, Any]]:
     examples = train()
-    folder = _model_dir(cache, name, recipe, examples)
-    return cached_model(folder, lambda: _tune(cache, recipe, examples))
+    folder = _model_dir(cache, name, recipe, examples, prompt)
+    return cached_model(folder, lambda: _tune(cache, recipe, examples, prompt))
 
 
 def _tune(
     cache: str | os.PathLike[str] | None,
     recipe: dict[str, Any],
     train: list[InstructionExample],
+    prompt: Callable[[InstructionExample], str] | None,
 ) -> tuple[GPT, CharTokenizer, dict[str, Any]]:
     model, tokenizer, _ = tuning_start(cache)
     start = time.perf_counter()
-    history = tune_assistant(model, tokenizer, train, FinetuneConfig(**recipe["finetune"]))
+    config = FinetuneConfig(**recipe["finetune"])
+    history = tune_assistant(model, tokenizer, train, config, prompt)
     return model, tokenizer, {"history": history, "seconds": time.perf_counter() - start}

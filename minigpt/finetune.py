@@ -310,19 +310,24 @@ def train_instructions(
     config: FinetuneConfig | None = None,
     collator: InstructionCollator | None = None,
     intro: str = PROMPT_INTRO,
+    prompt: Callable[[InstructionExample], str] | None = None,
 ) -> History:
     """Instruction-tune a language model on the responses of ``train``.
 
     The default collator pads with id 0, masks the prompts and cuts sequences
     at the model's block size; ``intro`` is the prompt's preamble (see
-    ``format_prompt``). Returns the history (``step``, ``loss``).
+    ``format_prompt``). ``prompt`` writes an example's prompt instead of the
+    course template (``intro`` is then unused). Returns the history (``step``, ``loss``).
     """
     cfg = config or FinetuneConfig()
     device = next(model.parameters()).device
     collate = collator or InstructionCollator(
         pad_id=0, max_length=cfg.max_length or model.config.block_size
     )
-    tokenized = [tokenize_instruction(ex, encode, intro) for ex in train]
+    if prompt is None:
+        tokenized = [tokenize_instruction(ex, encode, intro) for ex in train]
+    else:
+        tokenized = [(list(encode(prompt(ex))), list(encode(ex.output))) for ex in train]
 
     def loss_fn(batch: list[tuple[list[int], list[int]]]) -> Tensor:
         inputs, targets = collate(batch)

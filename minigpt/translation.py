@@ -13,8 +13,10 @@
 - ``nearest_neighbour_translations`` is the baseline a model has to beat: answer
   with the translation of the most similar English training sentence
   (``nearest_sources``, by ``edit_distance``, Levenshtein).
-- ``translation_example`` turns a sentence into an ``InstructionExample`` so the
-  instruction-tuning code (``minigpt.instruct``) trains on translation unchanged.
+- ``translation_example`` (and ``back_translation_example``, French to English)
+  turns a sentence into an ``InstructionExample`` so the instruction-tuning code
+  (``minigpt.finetune``) trains on translation unchanged; ``language_prompt`` is
+  the short prompt it is asked with (``"English: Go.\\nFrench: "``).
 
 The French text of Tatoeba puts a space before ``! ? : ; »``, typed by its
 contributors as a plain space, a no-break space (U+00A0), a narrow no-break space
@@ -38,11 +40,14 @@ from minigpt.data import DataFormatError
 from minigpt.instruct import InstructionExample
 
 __all__ = [
+    "TRANSLATE_BACK_INSTRUCTION",
     "TRANSLATE_INSTRUCTION",
     "TranslationPair",
+    "back_translation_example",
     "chrf",
     "edit_distance",
     "exact_match",
+    "language_prompt",
     "load_translation_pairs",
     "nearest_neighbour_translations",
     "nearest_sources",
@@ -54,6 +59,10 @@ __all__ = [
 ]
 
 TRANSLATE_INSTRUCTION = "Translate this sentence into French."
+TRANSLATE_BACK_INSTRUCTION = "Translate this sentence into English."
+# the languages each instruction reads and writes, for language_prompt
+_LANGUAGES = {TRANSLATE_INSTRUCTION: ("English", "French"),
+              TRANSLATE_BACK_INSTRUCTION: ("French", "English")}  # fmt: skip
 
 # No-break, narrow no-break and thin spaces: French typography before ! ? : ; »
 _SPACES = str.maketrans({"\u00a0": " ", "\u202f": " ", "\u2009": " "})
@@ -176,14 +185,42 @@ def references(pairs: Iterable[TranslationPair]) -> dict[str, list[str]]:
 def translation_example(source: str, target: str = "") -> InstructionExample:
     """``source`` (English) as an instruction example whose response is ``target`` (French).
 
-    ``format_prompt(translation_example(english), intro="")`` is the prompt the
-    course's translation model answers; leave ``target`` empty to ask it.
+    ``language_prompt(translation_example(english))`` is the prompt the course's
+    translation model answers; leave ``target`` empty to ask it.
     """
     if not isinstance(source, str) or not source.strip():
         raise ValueError(f"source must be a non-empty English sentence, got {source!r}")
     if not isinstance(target, str):
         raise TypeError(f"target must be a string (the French answer), got {type(target).__name__}")
     return InstructionExample(TRANSLATE_INSTRUCTION, source, target)
+
+
+def back_translation_example(french: str, english: str = "") -> InstructionExample:
+    """The same pair the other way: ``french`` as the input, ``english`` the response.
+
+    Training on both directions teaches a model to read French as well as write it.
+    """
+    if not isinstance(french, str) or not french.strip():
+        raise ValueError(f"french must be a non-empty French sentence, got {french!r}")
+    if not isinstance(english, str):
+        raise TypeError(f"english must be a string (the answer), got {type(english).__name__}")
+    return InstructionExample(TRANSLATE_BACK_INSTRUCTION, french, english)
+
+
+def language_prompt(example: InstructionExample) -> str:
+    """The short prompt of a translation example: ``"English: Go.\\nFrench: "``.
+
+    Tatoeba's sentences are about 20 characters; the course template adds about 80
+    more to each, so a step of the short prompt costs less than half as much.
+    Takes the examples of ``translation_example`` and ``back_translation_example``.
+    """
+    if example.instruction not in _LANGUAGES:
+        raise ValueError(
+            f"not a translation example: its instruction is {example.instruction!r}; make it "
+            "with translation_example or back_translation_example"
+        )
+    source, target = _LANGUAGES[example.instruction]
+    return f"{source}: {example.input}\n{target}: "
 
 
 # --------------------------------------------------------------------------- scores

@@ -10,6 +10,7 @@ import torch
 from minigpt import assistant
 from minigpt.assistant import (
     ASSISTANT,
+    TRANSLATOR,
     instruction_data,
     respond,
     task_prompt,
@@ -31,12 +32,10 @@ def tiny():
     return GPT(cfg).eval(), tok
 
 
-def test_prompts_are_the_course_template_without_preamble(data_dir):
+def test_prompts_task_template_and_short_translation_prompt(data_dir):
     ex = make_tasks("held_out", 1, families=["convert"])[0]
     assert task_prompt(ex) == f"### Instruction:\n{ex.instruction}\n\n### Response:\n"
-    assert translation_prompt("Hi.") == (
-        "### Instruction:\nTranslate this sentence into French.\n\n### Input:\nHi.\n\n### Response:\n"
-    )
+    assert translation_prompt("Hi.") == "English: Hi.\nFrench: "
 
 
 def test_respond_batches_like_one_prompt_at_a_time(tiny):
@@ -79,8 +78,13 @@ def test_translation_data_keeps_test_sentences_out(data_dir):
     data = translation_data()
     train_sources = {p.source for p in data["train_pairs"]}
     assert not train_sources & {p.source for p in data["test_pairs"]}
-    assert len(data["train"]) == len(data["train_pairs"])
+    n = len(data["train_pairs"])
+    assert len(data["train"]) == 2 * n  # both ways: English to French, then back
     assert data["train"][0].input == data["train_pairs"][0].source
+    back, first = data["train"][n], data["train_pairs"][0]
+    assert (back.input, back.output) == (first.target, first.source)
+    one_way = {**TRANSLATOR, "translation": {**TRANSLATOR["translation"], "both_ways": False}}
+    assert translation_data(one_way)["train"] == data["train"][:n]
 
 
 def test_init_new_tokens_makes_collapsed_rows_distinct(tiny):
@@ -124,3 +128,6 @@ def test_a_tuned_model_is_cached_and_loaded(tiny, tmp_path, monkeypatch, data_di
     # other training data (a changed task generator, say) is another model, not a stale one
     assistant._cached(tmp_path, "assistant", recipe, lambda: train[:3])
     assert len(calls) == 2
+    # and so is another prompt format for the same data
+    assistant._cached(tmp_path, "assistant", recipe, lambda: train, lambda e: e.instruction)
+    assert len(calls) == 3

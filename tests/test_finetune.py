@@ -517,6 +517,25 @@ def test_instruction_tuning_lowers_the_response_loss():
     assert len(history["loss"]) == 30 and after < 0.5 * before
 
 
+def test_instruction_tuning_trains_on_the_prompts_a_prompt_function_writes():
+    examples = [InstructionExample(f"Say {w}.", "", w) for w in ("yes", "no", "hi", "ok")]
+    collate = InstructionCollator(pad_id=0, eos_id=STOI["\n"], max_length=64)
+    seen = []
+
+    def spy(batch):
+        seen.extend(batch)
+        return collate(batch)
+
+    def short(ex):
+        return f"Q: {ex.instruction}\nA: "
+
+    train_instructions(
+        tiny_gpt(), examples, encode, FinetuneConfig(max_steps=3, batch_size=4), spy, prompt=short
+    )
+    expected = {(tuple(encode(short(ex))), tuple(encode(ex.output))) for ex in examples}
+    assert len(seen) == 12 and {(tuple(p), tuple(r)) for p, r in seen} == expected
+
+
 def test_bag_of_words_baseline_learns_word_polarity():
     good = [
         "a charming , funny film",

@@ -161,6 +161,17 @@ def _(out: str) -> bool:
     return last < first
 
 
+@claim(
+    "07",
+    "f5a1fa73e5044315a093ec459c9be902",
+    "the translator knows its training pairs by heart, not new ones",
+)
+def _(out: str) -> bool:
+    ((test_em, test_chrf),) = figures(out, rf"test sentences: +exact match {NUM}%, chrF {NUM}")
+    ((seen_em, seen_chrf),) = figures(out, rf"training sentences: exact match {NUM}%, chrF {NUM}")
+    return seen_em > 50 > test_em * 5 and seen_chrf > test_chrf + 30
+
+
 @claim("07", "598372df", "LoRA beats 70% on spam")
 def _(out: str) -> bool:
     return figures(out, rf"LoRA {NUM}%")[0][0] > 70

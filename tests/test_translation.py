@@ -10,11 +10,14 @@ from minigpt import data
 from minigpt.data import DataFormatError
 from minigpt.instruct import InstructionExample, format_prompt
 from minigpt.translation import (
+    TRANSLATE_BACK_INSTRUCTION,
     TRANSLATE_INSTRUCTION,
     TranslationPair,
+    back_translation_example,
     chrf,
     edit_distance,
     exact_match,
+    language_prompt,
     load_translation_pairs,
     nearest_neighbour_translations,
     nearest_sources,
@@ -162,6 +165,19 @@ def test_translation_example_is_an_instruction():
     )
     with pytest.raises(ValueError, match="non-empty English sentence"):
         translation_example("  ")
+
+
+def test_language_prompt_names_the_languages_each_way():
+    assert language_prompt(translation_example("Go.", "Va !")) == "English: Go.\nFrench: "
+    back = back_translation_example("Va !", "Go.")
+    assert back == InstructionExample(TRANSLATE_BACK_INSTRUCTION, "Va !", "Go.")
+    assert language_prompt(back) == "French: Va !\nEnglish: "
+    with pytest.raises(ValueError, match="not a translation example"):
+        language_prompt(InstructionExample("Say hi.", "", "hi"))
+    with pytest.raises(ValueError, match="non-empty French sentence"):
+        back_translation_example("")
+    with pytest.raises(TypeError, match="english must be a string"):
+        back_translation_example("Va !", None)
 
 
 # --------------------------------------------------------------------------- scores

@@ -81,7 +81,8 @@ def chat() -> str:
 
 def main() -> int:
     # Two chains of one-thread trainings, one per core (from an empty cache on the 2-core
-    # machine, about 19 and 16 minutes): the Shakespeare course model, chapter 09's
+    # machine, about 19 and 16 minutes, and about 3 more here since the translator's 8,000
+    # steps in December 2026, 437 s at one thread): the Shakespeare course model, chapter 09's
     # copying model, chapter 10's scaling runs, then chapter 08's chat model and reward
     # model in a second process; the assistant's base, tasks and translation models and
     # chapter 08's DPO, RLVR and RLHF runs here.
